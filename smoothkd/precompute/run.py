@@ -1,0 +1,195 @@
+"""`smoothkd precompute teacher`: run the teacher once over a dataset and write the store.
+
+Records are cut into fixed blocks of `part_size` (part i = records [i*part_size, ...)),
+so parts are the same whatever the shard count: shard i/n writes parts i, i+n, ...;
+a re-run with the same arguments skips committed parts and rewrites torn ones.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from smoothkd import __version__
+from smoothkd.errors import SmoothkdError
+from smoothkd.models import resolve, text_sha256, tokenizer_fingerprint, weights_fingerprint
+from smoothkd.precompute.backends import BACKENDS, TeacherBackend, load_backend
+from smoothkd.precompute.config import PrecomputeConfig
+from smoothkd.precompute.prompts import PromptFormatter, Sequence, user_message
+from smoothkd.precompute.records import LoadedRecords, Record, load_records, split_of
+from smoothkd.storage_schemas import spec
+from smoothkd.storage_schemas.writer import PartBuilder, StoreWriter
+
+SPLIT_SALT = "smoothkd-heldout-v1"
+
+
+@dataclass
+class Summary:
+    out: str
+    parts_written: int = 0
+    parts_skipped: int = 0  # already committed by an earlier run
+    sequences: int = 0
+    supervised_tokens: int = 0
+    tokens: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> sequences not written
+    truncated: int = 0
+    invalid_records: int = 0
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "dropped": dict(self.dropped)}
+
+
+def build_manifest(cfg: PrecomputeConfig, teacher: TeacherBackend, location: str, loaded: LoadedRecords,
+                   chat_template: str) -> spec.Manifest:
+    return spec.Manifest(
+        top_k=cfg.top_k,
+        vocab_size=teacher.vocab_size,
+        id_dtype=spec.id_dtype(teacher.vocab_size).name,
+        teacher={"name": cfg.model, "path": location, "weights_sha256": weights_fingerprint(location),
+                 "backend": teacher.name, "dtype": teacher.dtype},
+        tokenizer={"fingerprint": tokenizer_fingerprint(teacher.tokenizer),
+                   "chat_template_sha256": text_sha256(chat_template),
+                   "stop_ids": sorted(teacher.stop_ids)},
+        dataset={"source": cfg.dataset, "fingerprint": loaded.fingerprint, "n_records": len(loaded.records),
+                 "fields": dict(cfg.fields), "limit": cfg.limit},
+        build={"max_length": cfg.max_length, "overlong": cfg.overlong, "augment": sorted(cfg.augment),
+               "max_new_tokens": cfg.max_new_tokens if cfg.augment else None, "part_size": cfg.part_size,
+               "heldout_fraction": cfg.heldout_fraction, "split_salt": SPLIT_SALT,
+               "prompt": "chat template; user turn = instruction, blank line, context (when present)"},
+    )
+
+
+class PartPipeline:
+    """Turns one block of records into a filled PartBuilder."""
+
+    def __init__(self, cfg: PrecomputeConfig, teacher: TeacherBackend, formatter: PromptFormatter,
+                 summary: Summary, advance: Callable[[int], None]):
+        self.cfg, self.teacher, self.formatter = cfg, teacher, formatter
+        self.summary, self.advance = summary, advance
+
+    def _fit(self, record: Record, source: str, prompt: list[int], response: list[int], text: str,
+             truncated: bool) -> Sequence | None:
+        """Apply --max-length and --overlong; None (counted) when the sequence is dropped."""
+        room = self.cfg.max_length - len(prompt)
+        if room < 1:
+            self.summary.dropped[f"{source}: prompt longer than --max-length"] += 1
+            return None
+        if len(response) > room:
+            if self.cfg.overlong == "skip":
+                self.summary.dropped[f"{source}: longer than --max-length (--overlong skip)"] += 1
+                return None
+            response, truncated = response[:room], True
+            text = self.teacher.tokenizer.decode(response, skip_special_tokens=True)
+        if not response:
+            self.summary.dropped[f"{source}: no response tokens"] += 1
+            return None
+        return Sequence(record, source, prompt, response, text, truncated)
+
+    def sequences(self, records: list[Record]) -> list[Sequence]:
+        prompts = [self.formatter.prompt_ids(r) for r in records]
+        out: list[Sequence | None] = []
+        for r, p in zip(records, prompts):
+            out.append(self._fit(r, "original", p, self.formatter.response_ids(r, p, r.response), r.response, False))
+        if "greedy" in self.cfg.augment:
+            order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # little padding per batch
+            greedy: dict[int, Sequence | None] = {}
+            for b in range(0, len(order), self.cfg.batch_size):
+                batch = order[b : b + self.cfg.batch_size]
+                gens = self.teacher.generate([prompts[i] for i in batch], self.cfg.max_new_tokens)
+                for i, g in zip(batch, gens):
+                    text = self.teacher.tokenizer.decode(g.ids, skip_special_tokens=True)
+                    greedy[i] = self._fit(records[i], "teacher_greedy", prompts[i], g.ids, text, not g.finished)
+            # original then teacher_greedy for each record, in record order
+            out = [s for i, o in enumerate(out) for s in (o, greedy[i])]
+        return [s for s in out if s is not None]
+
+    def score(self, seqs: list[Sequence]) -> list[spec.TopKLabels]:
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens))  # similar lengths share a batch
+        labels: list[spec.TopKLabels | None] = [None] * len(seqs)
+        for b in range(0, len(order), self.cfg.batch_size):
+            batch = order[b : b + self.cfg.batch_size]
+            t0 = time.perf_counter()
+            scored = self.teacher.score([(seqs[i].tokens, len(seqs[i].prompt_ids)) for i in batch], self.cfg.top_k)
+            self.summary.forward_seconds += time.perf_counter() - t0
+            for i, lab in zip(batch, scored):
+                labels[i] = lab
+            self.advance(sum(len(seqs[i].response_ids) for i in batch))
+        return labels  # type: ignore[return-value]
+
+    def build(self, records: list[Record]) -> PartBuilder:
+        seqs = self.sequences(records)
+        labels = self.score(seqs)
+        part = PartBuilder(top_k=self.cfg.top_k)
+        for s, lab in zip(seqs, labels):
+            part.add(
+                {"record_id": s.record.record_id, "source": s.source,
+                 "split": split_of(s.record.record_id, self.cfg.heldout_fraction, SPLIT_SALT),
+                 "category": s.record.category, "truncated": s.truncated,
+                 "prompt": user_message(s.record), "response": s.response_text},
+                np.asarray(s.tokens, dtype=np.int64), len(s.prompt_ids), lab,
+            )
+            self.summary.truncated += int(s.truncated)
+        return part
+
+
+def run(cfg: PrecomputeConfig, show_progress: bool = True, log: Callable[[str], None] = print) -> Summary:
+    cfg.validate(tuple(BACKENDS))
+    started = time.perf_counter()
+    loaded = load_records(cfg.dataset, cfg.fields, cfg.limit, cfg.skip_invalid, cfg.dataset_split)
+    location = resolve(cfg.model)
+    teacher = load_backend(cfg.backend, location, dtype=cfg.dtype, device=cfg.device)
+    if cfg.top_k > teacher.vocab_size:
+        raise SmoothkdError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
+    template = open(cfg.chat_template).read() if cfg.chat_template else None
+    formatter = PromptFormatter(teacher.tokenizer, teacher.stop_ids, template)
+    manifest = build_manifest(cfg, teacher, location, loaded, formatter.tokenizer.chat_template)
+    writer = StoreWriter(cfg.out, manifest, overwrite=cfg.overwrite)
+
+    records = loaded.records
+    n_parts = math.ceil(len(records) / cfg.part_size)
+    shard, n_shards = cfg.shard_index
+    mine = [p for p in range(n_parts) if p % n_shards == shard]
+    committed = writer.committed_parts()
+    todo = [p for p in mine if p not in committed]
+    summary = Summary(out=cfg.out, parts_skipped=len(mine) - len(todo), invalid_records=len(loaded.skipped))
+    for reason in loaded.skipped[:5]:
+        log(f"skipped invalid record: {reason}")
+    if summary.parts_skipped:
+        log(f"resuming: {summary.parts_skipped} of {len(mine)} parts already committed in {cfg.out}")
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("parts"),
+        TextColumn("{task.fields[tok]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress,
+    )
+    with progress:
+        task = progress.add_task("teacher", total=len(todo), tok="")
+
+        def advance(n_tokens: int) -> None:
+            summary.supervised_tokens += n_tokens
+            rate = summary.supervised_tokens / max(time.perf_counter() - started, 1e-9)
+            progress.update(task, tok=f"{summary.supervised_tokens:,} tok ({rate:,.0f}/s)")
+
+        pipeline = PartPipeline(cfg, teacher, formatter, summary, advance)
+        for p in todo:
+            block = records[p * cfg.part_size : (p + 1) * cfg.part_size]
+            part = pipeline.build(block)
+            writer.write_part(p, part, {
+                "record_start": p * cfg.part_size,
+                "record_end": p * cfg.part_size + len(block),
+                "shard": cfg.shard,
+                "tool_version": __version__,
+            })
+            summary.parts_written += 1
+            summary.sequences += len(part.rows)
+            summary.tokens += part.n_tokens
+            progress.advance(task)
+    summary.seconds = time.perf_counter() - started
+    return summary

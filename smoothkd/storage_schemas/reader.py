@@ -1,0 +1,191 @@
+"""Reading a store: check the format on open, list committed parts, return typed records."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from smoothkd.errors import StoreError
+from smoothkd.storage_schemas import spec
+from smoothkd.storage_schemas.fsio import StoreLocation
+
+
+def read_manifest(loc: StoreLocation, missing_ok: bool = False) -> spec.Manifest | None:
+    """The store's manifest, after checking that this code knows its format."""
+    if not loc.exists("zarr.json"):
+        if missing_ok:
+            return None
+        raise StoreError(f"{loc.url} is not a smoothkd store (no zarr.json at its root)")
+    try:
+        attrs = json.loads(loc.fs.cat_file(loc.path("zarr.json"))).get("attributes", {})
+    except (json.JSONDecodeError, OSError) as e:
+        raise StoreError(f"{loc.url}/zarr.json is unreadable: {e}") from e
+    data = attrs.get(spec.MANIFEST_KEY)
+    if data is None:
+        if missing_ok and not attrs:
+            return None
+        raise StoreError(f"{loc.url} is a zarr group but not a smoothkd store (no '{spec.MANIFEST_KEY}' attribute)")
+    if data.get("format") != spec.FORMAT_NAME:
+        raise StoreError(f"{loc.url}: format {data.get('format')!r} is not {spec.FORMAT_NAME!r}")
+    version = data.get("schema_version")
+    if version not in spec.KNOWN_SCHEMA_VERSIONS:
+        raise StoreError(
+            f"{loc.url}: schema version {version} is not one this smoothkd reads "
+            f"({', '.join(map(str, spec.KNOWN_SCHEMA_VERSIONS))}); upgrade smoothkd"
+        )
+    if data.get("label_kind") != spec.LABEL_KIND_TOPK:
+        raise StoreError(f"{loc.url}: label kind {data.get('label_kind')!r} is not supported by this smoothkd")
+    return spec.Manifest.from_json(data)
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    index: int
+    name: str
+    committed: bool
+    commit: dict[str, Any] | None
+
+
+def list_parts(loc: StoreLocation) -> list[PartInfo]:
+    """Every part directory, committed or not, in index order."""
+    out = []
+    for name in loc.listdir(spec.PARTS_DIR):
+        if not name.startswith("part-") or not name[5:].isdigit():
+            continue
+        commit = None
+        if loc.exists(spec.PARTS_DIR, name, spec.COMMIT_FILE):
+            try:
+                commit = loc.read_json(spec.PARTS_DIR, name, spec.COMMIT_FILE)
+            except (json.JSONDecodeError, OSError):
+                commit = None  # a torn commit file means the part never committed
+        out.append(PartInfo(int(name[5:]), name, commit is not None, commit))
+    return out
+
+
+class SoftLabelStore:
+    """Read access to a committed store. Only committed parts are visible."""
+
+    def __init__(self, url: str):
+        self.loc = StoreLocation(url)
+        self.url = url
+        manifest = read_manifest(self.loc)
+        assert manifest is not None
+        self.manifest = manifest
+        all_parts = list_parts(self.loc)
+        self.parts = [p for p in all_parts if p.committed]
+        self.uncommitted = [p for p in all_parts if not p.committed]
+        self._group = zarr.open_group(self.loc.zarr_store(read_only=True), mode="r")
+        counts = np.array([p.commit["n_sequences"] for p in self.parts], dtype=np.int64)
+        self._seq_starts = np.concatenate([[0], np.cumsum(counts)])
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self._seq_starts[-1])
+
+    @property
+    def n_supervised_tokens(self) -> int:
+        return sum(int(p.commit["n_labels"]) for p in self.parts)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(int(p.commit["n_tokens"]) for p in self.parts)
+
+    def array(self, part: str, name: str) -> zarr.Array:
+        return self._group[f"{spec.PARTS_DIR}/{part}/{name}"]
+
+    def part_table(self, part: str) -> pa.Table:
+        return pq.read_table(self.loc.path(spec.PARTS_DIR, part, spec.TABLE_FILE), filesystem=self.loc.fs)
+
+    @cached_property
+    def _tables(self) -> dict[str, pa.Table]:
+        return {p.name: self.part_table(p.name) for p in self.parts}
+
+    def table(self) -> pa.Table:
+        """All sequence rows, in store order, with `seq` and `part` columns added."""
+        tables = [
+            t.append_column("part", pa.array([name] * t.num_rows, pa.string()))
+            for name, t in self._tables.items()
+        ]
+        if not tables:
+            return pa.table({})
+        table = pa.concat_tables(tables)
+        return table.add_column(0, "seq", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+
+    def locate(self, seq: int) -> tuple[PartInfo, int]:
+        if not 0 <= seq < self.n_sequences:
+            raise StoreError(f"sequence {seq} is out of range: {self.url} holds {self.n_sequences} sequences")
+        i = int(np.searchsorted(self._seq_starts, seq, side="right") - 1)
+        return self.parts[i], seq - int(self._seq_starts[i])
+
+    def sequence(self, seq: int) -> spec.SequenceLabels:
+        part, row_index = self.locate(seq)
+        row = self._tables[part.name].slice(row_index, 1).to_pylist()[0]
+        t0, nt = row["token_offset"], row["n_tokens"]
+        l0, nl = row["label_offset"], row["n_labels"]
+        return spec.SequenceLabels(
+            seq=seq,
+            part=part.name,
+            row=row,
+            tokens=self.array(part.name, "tokens")[t0 : t0 + nt].astype(np.int64),
+            labels=self.labels(part.name, l0, l0 + nl),
+        )
+
+    def labels(self, part: str, start: int, stop: int) -> spec.TopKLabels:
+        """Soft labels for label rows [start, stop) of one part, decoded."""
+        enc = self.manifest.encoding
+        return spec.TopKLabels(
+            ids=self.array(part, "topk_ids")[start:stop].astype(np.int64),
+            logprobs=enc.decode(self.array(part, "topk_logprobs")[start:stop]),
+            true_logprob=enc.decode(self.array(part, "true_logprob")[start:stop]),
+            tail=np.asarray(self.array(part, "tail")[start:stop], dtype=np.float32),
+        )
+
+    def bytes_on_disk(self) -> int:
+        return self.loc.bytes_on_disk()
+
+    def info(self) -> dict[str, Any]:
+        """Summary counts; what `smoothkd store info --json` prints."""
+        table = self.table()
+        by_source: dict[str, int] = {}
+        by_split: dict[str, int] = {}
+        if table.num_rows:
+            for src, split, n in zip(
+                table["source"].to_pylist(), table["split"].to_pylist(), table["n_labels"].to_pylist()
+            ):
+                by_source[src] = by_source.get(src, 0) + n
+                by_split[split] = by_split.get(split, 0) + n
+        size = self.bytes_on_disk()
+        n_sup = self.n_supervised_tokens
+        m = self.manifest
+        return {
+            "url": self.url,
+            "format": m.format,
+            "schema_version": m.schema_version,
+            "label_kind": m.label_kind,
+            "teacher": m.teacher,
+            "top_k": m.top_k,
+            "vocab_size": m.vocab_size,
+            "id_dtype": m.id_dtype,
+            "logprob_encoding": m.logprob_encoding,
+            "n_parts": len(self.parts),
+            "n_uncommitted_parts": len(self.uncommitted),
+            "n_sequences": self.n_sequences,
+            "n_tokens": self.n_tokens,
+            "n_supervised_tokens": n_sup,
+            "supervised_tokens_by_source": by_source,
+            "supervised_tokens_by_split": by_split,
+            "bytes_on_disk": size,
+            "bytes_per_supervised_token": (size / n_sup) if n_sup else None,
+            "dataset": m.dataset,
+            "build": m.build,
+            "tokenizer": m.tokenizer,
+            "created": m.created,
+            "tool": m.tool,
+        }

@@ -81,6 +81,7 @@ class SoftLabelStore:
         all_parts = list_parts(self.loc)
         self.parts = [p for p in all_parts if p.committed]
         self.uncommitted = [p for p in all_parts if not p.committed]
+        self._id_tables: dict[str, np.ndarray] = {}
         self._group = zarr.open_group(self.loc.zarr_store(read_only=True), mode="r")
         counts = np.array([p.commit["n_sequences"] for p in self.parts], dtype=np.int64)
         self._seq_starts = np.concatenate([[0], np.cumsum(counts)])
@@ -99,6 +100,12 @@ class SoftLabelStore:
 
     def array(self, part: str, name: str) -> zarr.Array:
         return self._group[f"{spec.PARTS_DIR}/{part}/{name}"]
+
+    def id_table(self, part: str) -> np.ndarray:
+        """The part's code -> id table (small; read once per part)."""
+        if part not in self._id_tables:
+            self._id_tables[part] = self.array(part, "id_table")[...].astype(np.int64)
+        return self._id_tables[part]
 
     def part_table(self, part: str) -> pa.Table:
         return pq.read_table(self.loc.path(spec.PARTS_DIR, part, spec.TABLE_FILE), filesystem=self.loc.fs)
@@ -141,7 +148,7 @@ class SoftLabelStore:
         """Soft labels for label rows [start, stop) of one part, decoded."""
         enc = self.manifest.encoding
         return spec.TopKLabels(
-            ids=self.array(part, "topk_ids")[start:stop].astype(np.int64),
+            ids=self.id_table(part)[self.array(part, "topk_codes")[start:stop]],
             logprobs=enc.decode(self.array(part, "topk_logprobs")[start:stop]),
             true_logprob=enc.decode(self.array(part, "true_logprob")[start:stop]),
             tail=np.asarray(self.array(part, "tail")[start:stop], dtype=np.float32),

@@ -76,17 +76,23 @@ def _verify_part(store: SoftLabelStore, part: str, commit: dict[str, Any]) -> li
     if len(arrays) < len(spec.ARRAYS):
         return faults
 
-    tokens, ids, q = arrays["tokens"], arrays["topk_ids"], arrays["topk_logprobs"]
-    true_q, tail = arrays["true_logprob"], arrays["tail"]
-    n_labels = ids.shape[0]
-    for name in ("tokens", "topk_ids"):
+    tokens, table, codes = arrays["tokens"], arrays["id_table"], arrays["topk_codes"]
+    q, true_q, tail = arrays["topk_logprobs"], arrays["true_logprob"], arrays["tail"]
+    n_labels = codes.shape[0]
+    if codes.size and codes.max() >= len(table):
+        fault("topk_codes", f"codes up to {codes.max()} for an id_table of {len(table)} entries")
+        return faults
+    ids = table[codes] if codes.size else codes
+    if len(np.unique(table)) != len(table):
+        fault("id_table", "repeats an id")
+    for name in ("tokens", "id_table"):
         arr = arrays[name]
         bad = np.flatnonzero((arr >= m.vocab_size).reshape(len(arr), -1).any(axis=1)) if arr.size else arr[:0]
         if bad.size:
             fault(name, f"{bad.size} rows hold ids >= vocabulary size {m.vocab_size} (first at row {bad[0]})")
     for name in ("true_logprob", "topk_logprobs", "tail"):
         if len(arrays[name]) != n_labels:
-            fault(name, f"{len(arrays[name])} rows, topk_ids has {n_labels}")
+            fault(name, f"{len(arrays[name])} rows, topk_codes has {n_labels}")
     if faults:
         return faults
 
@@ -95,7 +101,7 @@ def _verify_part(store: SoftLabelStore, part: str, commit: dict[str, Any]) -> li
             sorted_ids = np.sort(ids, axis=1)
             dup = np.flatnonzero((sorted_ids[:, 1:] == sorted_ids[:, :-1]).any(axis=1))
             if dup.size:
-                fault("topk_ids", f"{dup.size} rows repeat an id (first at row {dup[0]})")
+                fault("topk_codes", f"{dup.size} rows repeat an id (first at row {dup[0]})")
             unsorted = np.flatnonzero((np.diff(q.astype(np.int64), axis=1) < 0).any(axis=1))
             if unsorted.size:
                 fault("topk_logprobs", f"{unsorted.size} rows are not sorted most probable first (first at row {unsorted[0]})")

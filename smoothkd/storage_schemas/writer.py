@@ -72,9 +72,11 @@ class PartBuilder:
         def cat(parts: list[np.ndarray], shape: tuple[int, ...], dtype: Any) -> np.ndarray:
             return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(shape, dtype)
 
+        codes, table = spec.encode_ids(cat(self.topk_ids, (0, k), np.int64), ids)
         return {
             "tokens": cat(self.tokens, (0,), ids),
-            "topk_ids": cat(self.topk_ids, (0, k), ids),
+            "id_table": table,
+            "topk_codes": codes,
             "topk_logprobs": enc.encode(cat(self.topk_logprobs, (0, k), np.float32)),
             "true_logprob": enc.encode(cat(self.true_logprob, (0,), np.float32)),
             "tail": cat(self.tail, (0,), np.float32),

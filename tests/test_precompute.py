@@ -1,0 +1,174 @@
+"""Stage one end to end on a tiny random Llama: exactness, resume, shards, fsspec URLs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from smoothkd.precompute.config import PrecomputeConfig
+from smoothkd.precompute.run import run
+from smoothkd.storage_schemas import SoftLabelStore, verify_store
+from smoothkd.storage_schemas.fsio import StoreLocation
+
+K = 16
+
+
+def cfg(tiny_model, dolly, out, **kw) -> PrecomputeConfig:
+    base = dict(model=str(tiny_model), dataset=str(dolly), out=str(out), top_k=K, limit=12, part_size=4,
+                batch_size=3, max_length=2048, heldout_fraction=0.25)
+    return PrecomputeConfig(**{**base, **kw})
+
+
+def contents(url: str) -> list[tuple]:
+    """Everything a reader can see, sequence by sequence."""
+    store = SoftLabelStore(url)
+    out = []
+    for i in range(store.n_sequences):
+        s = store.sequence(i)
+        row = {k: v for k, v in s.row.items()}
+        out.append((json.dumps(row, sort_keys=True), s.tokens.tolist(), s.labels.ids.tolist(),
+                    s.labels.logprobs.tolist(), s.labels.true_logprob.tolist(), s.labels.tail.tolist()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_model, dolly, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stores") / "full"
+    summary = run(cfg(tiny_model, dolly, out), show_progress=False)
+    return out, summary
+
+
+def test_store_matches_a_direct_float32_forward(tiny_model, tiny_store):
+    out, summary = tiny_store
+    store = SoftLabelStore(str(out))
+    assert summary.parts_written == 3 and store.n_sequences == 12
+    assert verify_store(store)["ok"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tol = store.manifest.encoding.max_error + 1e-4  # fixed-point rounding + batching noise
+    for i in range(store.n_sequences):
+        s = store.sequence(i)
+        with torch.no_grad():  # one sequence, no padding: the reference
+            lp = torch.log_softmax(model(torch.from_numpy(s.tokens)[None]).logits[0].float(), -1)
+        ref = lp[s.prompt_len - 1 : -1]  # [n_labels, V]: position t predicts token t + 1
+        ref_vals, ref_ids = ref.topk(K, -1)
+        lab = s.labels
+        assert len(lab) == len(s.targets) == s.row["n_labels"]
+        np.testing.assert_allclose(lab.logprobs, ref_vals.numpy(), atol=tol)
+        # ids agree except where two log-probs tie within the batching noise
+        gathered = ref.gather(-1, torch.from_numpy(lab.ids)).numpy()
+        np.testing.assert_allclose(gathered, ref_vals.numpy(), atol=1e-4)
+        np.testing.assert_allclose(lab.true_logprob, ref.gather(-1, torch.from_numpy(s.targets)[:, None])[:, 0],
+                                   atol=tol)
+        mass = np.exp(ref_vals.double().numpy()).sum(1)
+        np.testing.assert_allclose(lab.tail, 1 - mass, atol=1e-5)
+
+
+def test_sequences_are_chat_formatted_with_supervised_responses(tiny_model, tiny_store):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    store = SoftLabelStore(str(tiny_store[0]))
+    s = store.sequence(0)
+    prompt = tok.decode(s.tokens[: s.prompt_len].tolist())
+    assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert s.row["prompt"] in prompt
+    response = tok.decode(s.targets.tolist())
+    assert response == s.row["response"] + "<|im_end|>"  # the end-of-turn token is supervised
+    splits = set(store.table()["split"].to_pylist())
+    assert splits == {"train", "heldout"}
+
+
+def test_heldout_split_is_a_function_of_the_record_id(tiny_model, dolly, tiny_store, tmp_path):
+    """The same record is held out whatever else is in the dataset."""
+    run(cfg(tiny_model, dolly, tmp_path / "s", limit=8), show_progress=False)
+    a = dict(zip(*[SoftLabelStore(str(tiny_store[0])).table()[c].to_pylist() for c in ("record_id", "split")]))
+    b = dict(zip(*[SoftLabelStore(str(tmp_path / "s")).table()[c].to_pylist() for c in ("record_id", "split")]))
+    assert all(a[k] == v for k, v in b.items())
+
+
+def test_rerun_resumes_and_interrupted_run_equals_uninterrupted(tiny_model, dolly, tiny_store, tmp_path, monkeypatch):
+    out = tmp_path / "s"
+    real_commit = StoreLocation.write_json_atomic
+    calls = {"n": 0}
+
+    def dying_commit(self, data, *parts):
+        if parts and parts[-1] == "commit.json":
+            calls["n"] += 1
+            if calls["n"] == 2:  # killed after writing part 1's arrays, before its commit
+                raise KeyboardInterrupt
+        return real_commit(self, data, *parts)
+
+    monkeypatch.setattr(StoreLocation, "write_json_atomic", dying_commit)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(tiny_model, dolly, out), show_progress=False)
+    monkeypatch.setattr(StoreLocation, "write_json_atomic", real_commit)
+
+    partial = SoftLabelStore(str(out))
+    assert [p.name for p in partial.parts] == ["part-000000"]
+    assert [p.name for p in partial.uncommitted] == ["part-000001"]
+
+    summary = run(cfg(tiny_model, dolly, out), show_progress=False)
+    assert summary.parts_skipped == 1 and summary.parts_written == 2
+    assert contents(str(out)) == contents(str(tiny_store[0]))
+    again = run(cfg(tiny_model, dolly, out), show_progress=False)
+    assert again.parts_written == 0 and again.parts_skipped == 3
+
+
+def test_shards_write_disjoint_parts_that_together_equal_one_run(tiny_model, dolly, tiny_store, tmp_path):
+    out = tmp_path / "s"
+    a = run(cfg(tiny_model, dolly, out, shard="0/2"), show_progress=False)
+    assert a.parts_written == 2  # parts 0 and 2
+    assert [p.index for p in SoftLabelStore(str(out)).parts] == [0, 2]
+    b = run(cfg(tiny_model, dolly, out, shard="1/2"), show_progress=False)
+    assert b.parts_written == 1
+    assert contents(str(out)) == contents(str(tiny_store[0]))
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_fsspec_urls_work_as_out(tiny_model, dolly, tiny_store, tmp_path, scheme):
+    url = f"memory://precompute-{tmp_path.name}" if scheme == "memory" else f"file://{tmp_path}/s"
+    run(cfg(tiny_model, dolly, url), show_progress=False)
+    assert contents(url) == contents(str(tiny_store[0]))
+    assert verify_store(SoftLabelStore(url))["ok"]
+
+
+def test_greedy_augmentation_adds_teacher_responses(tiny_model, dolly, tmp_path):
+    out = tmp_path / "s"
+    summary = run(cfg(tiny_model, dolly, out, limit=4, augment=["greedy"], max_new_tokens=12), show_progress=False)
+    store = SoftLabelStore(str(out))
+    table = store.table()
+    assert table["source"].to_pylist() == ["original", "teacher_greedy"] * 4
+    assert summary.sequences == 8
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    for i in (1, 3):
+        s = store.sequence(i)
+        prompt = torch.from_numpy(s.tokens[: s.prompt_len])[None]
+        with torch.no_grad():  # the stored response is the teacher's own greedy decode
+            ref = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
+        generated = ref[0, s.prompt_len :].tolist()
+        assert s.targets.tolist() == generated[: len(s.targets)]
+        assert s.row["truncated"] == (2 not in generated)
+        # and it is scored like the original response: the top-1 is the greedy token
+        assert (s.labels.ids[:, 0] == s.targets).all()
+    assert verify_store(store)["ok"]
+
+
+def test_overlong_sequences_are_skipped_or_truncated_and_counted(tiny_model, dolly, tmp_path):
+    skipped = run(cfg(tiny_model, dolly, tmp_path / "a", max_length=200), show_progress=False)
+    kept = SoftLabelStore(str(tmp_path / "a"))
+    assert sum(skipped.dropped.values()) > 0
+    assert kept.n_sequences == 12 - sum(skipped.dropped.values())
+    assert max(kept.table()["n_tokens"].to_pylist()) <= 200
+
+    truncated = run(cfg(tiny_model, dolly, tmp_path / "b", max_length=200, overlong="truncate"), show_progress=False)
+    store = SoftLabelStore(str(tmp_path / "b"))
+    table = store.table()
+    assert truncated.truncated == sum(table["truncated"].to_pylist()) > 0
+    assert max(table["n_tokens"].to_pylist()) == 200
+    prompt_dropped = sum(v for k, v in truncated.dropped.items() if "prompt" in k)
+    assert store.n_sequences == 12 - prompt_dropped
+    assert verify_store(store)["ok"]

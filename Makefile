@@ -1,9 +1,9 @@
 # smoothkd: set-up, demo and tests. Everything runs inside $(VENV).
 PY ?= python3
 VENV ?= .venv
-# The CPU build of torch 2.13.0. On a GPU machine: make setup TORCH=torch==2.13.0 TORCH_INDEX=
-# (PyPI's Linux wheel is the CUDA build); on another CPU machine without a local torch file:
-# make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# torch 2.13.0: on this project's machines pip takes the CPU build from local disk; PyPI's Linux
+# wheel is the CUDA build (right for GPU machines). Another CPU-only machine:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin

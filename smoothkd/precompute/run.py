@@ -7,6 +7,7 @@ a re-run with the same arguments skips committed parts and rewrites torn ones.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -50,6 +51,7 @@ class Summary:
 def build_manifest(cfg: PrecomputeConfig, teacher: TeacherBackend, location: str, loaded: LoadedRecords,
                    chat_template: str) -> spec.Manifest:
     return spec.Manifest(
+        config=dataclasses.asdict(cfg),
         top_k=cfg.top_k,
         vocab_size=teacher.vocab_size,
         id_dtype=spec.id_dtype(teacher.vocab_size).name,
@@ -71,9 +73,10 @@ class PartPipeline:
     """Turns one block of records into a filled PartBuilder."""
 
     def __init__(self, cfg: PrecomputeConfig, teacher: TeacherBackend, formatter: PromptFormatter,
-                 summary: Summary, advance: Callable[[int], None]):
+                 summary: Summary, advance: Callable[[str, int, int], None]):
         self.cfg, self.teacher, self.formatter = cfg, teacher, formatter
-        self.summary, self.advance = summary, advance
+        self.summary = summary
+        self.advance = advance  # (phase, sequences done, supervised tokens done)
 
     def _fit(self, record: Record, source: str, prompt: list[int], response: list[int], text: str,
              truncated: bool) -> Sequence | None:
@@ -107,6 +110,7 @@ class PartPipeline:
                 for i, g in zip(batch, gens):
                     text = self.teacher.tokenizer.decode(g.ids, skip_special_tokens=True)
                     greedy[i] = self._fit(records[i], "teacher_greedy", prompts[i], g.ids, text, not g.finished)
+                self.advance("generating", len(batch), 0)
             # original then teacher_greedy for each record, in record order
             out = [s for i, o in enumerate(out) for s in (o, greedy[i])]
         return [s for s in out if s is not None]
@@ -121,11 +125,13 @@ class PartPipeline:
             self.summary.forward_seconds += time.perf_counter() - t0
             for i, lab in zip(batch, scored):
                 labels[i] = lab
-            self.advance(sum(len(seqs[i].response_ids) for i in batch))
+            self.advance("scoring", len(batch), sum(len(seqs[i].response_ids) for i in batch))
         return labels  # type: ignore[return-value]
 
     def build(self, records: list[Record]) -> PartBuilder:
         seqs = self.sequences(records)
+        n_sources = 1 + ("greedy" in self.cfg.augment)
+        self.advance("scoring", len(records) * n_sources - len(seqs), 0)  # dropped: nothing to score
         labels = self.score(seqs)
         part = PartBuilder(top_k=self.cfg.top_k)
         for s, lab in zip(seqs, labels):
@@ -165,17 +171,21 @@ def run(cfg: PrecomputeConfig, show_progress: bool = True, log: Callable[[str], 
     if summary.parts_skipped:
         log(f"resuming: {summary.parts_skipped} of {len(mine)} parts already committed in {cfg.out}")
 
+    # One unit of work: a sequence to score, or a prompt to answer greedily.
+    per_record = 1 + 2 * ("greedy" in cfg.augment)
+    total = sum(len(records[p * cfg.part_size : (p + 1) * cfg.part_size]) for p in todo) * per_record
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("parts"),
-        TextColumn("{task.fields[tok]}"), TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress,
+        TextColumn("[bold]{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tok]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress,
     )
     with progress:
-        task = progress.add_task("teacher", total=len(todo), tok="")
+        task = progress.add_task("teacher", total=total, tok="")
 
-        def advance(n_tokens: int) -> None:
+        def advance(phase: str, n_sequences: int, n_tokens: int) -> None:
             summary.supervised_tokens += n_tokens
             rate = summary.supervised_tokens / max(time.perf_counter() - started, 1e-9)
-            progress.update(task, tok=f"{summary.supervised_tokens:,} tok ({rate:,.0f}/s)")
+            progress.update(task, description=phase, advance=n_sequences,
+                            tok=f"{summary.supervised_tokens:,} supervised tok ({rate:,.0f}/s)")
 
         pipeline = PartPipeline(cfg, teacher, formatter, summary, advance)
         for p in todo:
@@ -190,6 +200,5 @@ def run(cfg: PrecomputeConfig, show_progress: bool = True, log: Callable[[str], 
             summary.parts_written += 1
             summary.sequences += len(part.rows)
             summary.tokens += part.n_tokens
-            progress.advance(task)
     summary.seconds = time.perf_counter() - started
     return summary

@@ -212,10 +212,12 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     tool: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    config: dict[str, Any] = field(default_factory=dict)  # the writer's resolved options, as run
 
     # Where things were found is not what they are: the same weights under another path,
-    # or the same records in a moved file, are the same store.
-    NON_IDENTITY = ("created", "tool", "teacher.name", "teacher.path", "dataset.source")
+    # or the same records in a moved file, are the same store. How it was run (batch size,
+    # device, shard) is recorded in `config` but does not change what is stored.
+    NON_IDENTITY = ("created", "tool", "config", "teacher.name", "teacher.path", "dataset.source")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

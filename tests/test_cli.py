@@ -1,0 +1,158 @@
+"""The CLI: store info/verify/show, and every bad input getting a clear message and losing nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from smoothkd.cli import app
+from smoothkd.storage_schemas import SoftLabelStore
+
+from conftest import write_jsonl
+
+runner = CliRunner()
+DOLLY_ROW = {"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"}
+
+
+def precompute(model, dataset, out, *extra: str):
+    args = ["precompute", "teacher", "--model", str(model), "--dataset", str(dataset), "--out", str(out),
+            "--top-k", "8", "--part-size", "2", *extra]
+    return runner.invoke(app, args)
+
+
+def fails_with(result, *needles: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
+    message = " ".join(result.stderr.split())
+    for needle in needles:
+        assert needle in message, (needle, result.stderr)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model, dolly, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "store"
+    result = precompute(tiny_model, dolly, out, "--limit", "4")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "bytes per supervised token" in " ".join(result.output.split())
+    return out
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == "smoothkd 0.1.0"
+
+
+def test_store_info_json_reports_counts_and_size(store):
+    result = runner.invoke(app, ["store", "info", str(store), "--json"])
+    assert result.exit_code == 0
+    info = json.loads(result.output)
+    s = SoftLabelStore(str(store))
+    assert info["n_sequences"] == s.n_sequences == 4
+    assert info["n_supervised_tokens"] == s.n_supervised_tokens > 0
+    assert info["top_k"] == 8
+    assert info["bytes_on_disk"] == sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
+    assert info["bytes_per_supervised_token"] == pytest.approx(info["bytes_on_disk"] / info["n_supervised_tokens"])
+    text = runner.invoke(app, ["store", "info", str(store)])
+    assert text.exit_code == 0 and "bytes / supervised token" in text.output and "top-k" in text.output
+
+
+def test_store_show_json_gives_every_position(store, tiny_model):
+    result = runner.invoke(app, ["store", "show", str(store), "--seq", "1", "--json"])
+    assert result.exit_code == 0
+    shown = json.loads(result.output)
+    s = SoftLabelStore(str(store)).sequence(1)
+    assert shown["tokens"] == s.tokens.tolist()
+    assert len(shown["positions"]) == shown["n_labels"] == len(s.targets)
+    first = shown["positions"][0]
+    assert first["target"] == int(s.targets[0]) and len(first["topk_ids"]) == 8
+    assert first["topk_logprobs"] == sorted(first["topk_logprobs"], reverse=True)
+    table = runner.invoke(app, ["store", "show", str(store), "--seq", "1", "--tokenizer", str(tiny_model)])
+    assert table.exit_code == 0 and "log p(target)" in table.output
+    fails_with(runner.invoke(app, ["store", "show", str(store), "--seq", "99"]), "sequence 99 is out of range")
+
+
+def test_store_verify_exit_code_follows_faults(store, tmp_path):
+    ok = runner.invoke(app, ["store", "verify", str(store), "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.output)["ok"]
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(store, bad)
+    zarr.open_group(str(bad / "parts" / "part-000001"), mode="r+")["tail"][0] = 7.0
+    result = runner.invoke(app, ["store", "verify", str(bad)])
+    assert result.exit_code == 1
+    assert "part-000001/tail" in result.stderr
+
+
+def test_malformed_jsonl_names_the_line(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [DOLLY_ROW, DOLLY_ROW | {"response": "x"}, '{"instruction": "a", '])
+    fails_with(precompute(tiny_model, data, tmp_path / "out"), "d.jsonl:3", "not valid JSON")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_fields_and_empty_responses_are_listed_or_skipped(tiny_model, tmp_path):
+    rows = [DOLLY_ROW, {"instruction": "no response"}, DOLLY_ROW | {"response": "   "}, DOLLY_ROW | {"id": 7}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    fails_with(precompute(tiny_model, data, tmp_path / "out"), "2 invalid record(s)",
+               "d.jsonl:2: missing field 'response'", "d.jsonl:3: field 'response' is empty", "--skip-invalid")
+    assert not (tmp_path / "out").exists()
+    result = precompute(tiny_model, data, tmp_path / "out", "--skip-invalid")
+    assert result.exit_code == 0, result.stderr
+    assert "skipped 2 invalid records" in result.output
+    assert SoftLabelStore(str(tmp_path / "out")).n_sequences == 2
+
+
+def test_field_mapping_reads_other_instruction_sets(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Why?", "answer": "Because."}])
+    fails_with(precompute(tiny_model, data, tmp_path / "o1"), "missing field 'instruction'", "--field instruction=")
+    result = precompute(tiny_model, data, tmp_path / "o2", "--field", "instruction=question", "--field", "response=answer")
+    assert result.exit_code == 0, result.stderr
+    assert SoftLabelStore(str(tmp_path / "o2")).sequence(0).row["response"] == "Because."
+    fails_with(precompute(tiny_model, data, tmp_path / "o3", "--field", "answer"), "--field 'answer'", "CANONICAL=COLUMN")
+
+
+def test_parquet_datasets_are_read(tiny_model, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([DOLLY_ROW, DOLLY_ROW | {"response": "Red."}]), tmp_path / "d.parquet")
+    result = precompute(tiny_model, tmp_path / "d.parquet", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert SoftLabelStore(str(tmp_path / "out")).n_sequences == 2
+
+
+def test_out_holding_another_store_is_refused_unless_overwrite(tiny_model, dolly, store, tmp_path):
+    import shutil
+
+    out = tmp_path / "s"
+    shutil.copytree(store, out)
+    before = SoftLabelStore(str(out)).info()
+    fails_with(precompute(tiny_model, dolly, out, "--limit", "4", "--top-k", "4"),
+               "built differently", "top_k: store has 8, this run has 4", "--overwrite")
+    after = SoftLabelStore(str(out)).info()
+    assert after["n_sequences"] == before["n_sequences"] and after["bytes_on_disk"] == before["bytes_on_disk"]
+    result = precompute(tiny_model, dolly, out, "--limit", "4", "--top-k", "4", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert SoftLabelStore(str(out)).manifest.top_k == 4
+
+
+def test_unreadable_model_path_and_top_k_beyond_vocabulary(tiny_model, dolly, tmp_path):
+    fails_with(precompute(tmp_path / "no-such-model", dolly, tmp_path / "o"), "no-such-model does not exist")
+    (tmp_path / "empty").mkdir()
+    fails_with(precompute(tmp_path / "empty", dolly, tmp_path / "o"), "not a transformers checkpoint")
+    fails_with(precompute(tiny_model, dolly, tmp_path / "o", "--top-k", "100000"),
+               "--top-k 100000 is larger than the teacher's vocabulary (384)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_options_are_reported_together(tiny_model, dolly, tmp_path):
+    fails_with(precompute(tiny_model, dolly, tmp_path / "o", "--batch-size", "0", "--shard", "2/2",
+                          "--overlong", "wrap", "--augment", "beam"),
+               "--batch-size must be at least 1", "--shard '2/2'", "--overlong 'wrap'", "--augment beam")
+
+
+def test_missing_dataset_file(tiny_model, tmp_path):
+    fails_with(precompute(tiny_model, tmp_path / "nope.jsonl", tmp_path / "o"), "nope.jsonl: no such file")

@@ -1,0 +1,48 @@
+"""End to end on the real embedded teacher, SmolLM2-135M-Instruct, on a handful of Dolly records."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from smoothkd.cli import app
+from smoothkd.storage_schemas import SoftLabelStore
+
+runner = CliRunner()
+
+
+def test_precompute_on_smollm2_with_greedy_augmentation(smollm2, dolly, tmp_path):
+    out = tmp_path / "store"
+    result = runner.invoke(app, [
+        "precompute", "teacher", "--model", "smollm2-135m-instruct", "--dataset", str(dolly), "--limit", "3",
+        "--top-k", "64", "--augment", "greedy", "--max-new-tokens", "24", "--out", str(out),
+    ])
+    assert result.exit_code == 0, result.output + result.stderr
+    verify = runner.invoke(app, ["store", "verify", str(out), "--json"])
+    assert verify.exit_code == 0 and json.loads(verify.output)["ok"]
+    info = json.loads(runner.invoke(app, ["store", "info", str(out), "--json"]).output)
+    assert info["vocab_size"] == 49152 and info["id_dtype"] == "uint16" and info["top_k"] == 64
+    assert info["n_sequences"] == 6
+    assert set(info["supervised_tokens_by_source"]) == {"original", "teacher_greedy"}
+
+    store = SoftLabelStore(str(out))
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    tol = store.manifest.encoding.max_error + 1e-4
+    for seq in (0, 1):  # record 0's Dolly response, then the teacher's own greedy response
+        s = store.sequence(seq)
+        ended = tok.decode(s.targets.tolist()).endswith("<|im_end|>")
+        assert ended != s.row["truncated"]  # a greedy response cut at --max-new-tokens is marked truncated
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.from_numpy(s.tokens)[None]).logits[0].float(), -1)
+        ref = lp[s.prompt_len - 1 : -1]
+        np.testing.assert_allclose(s.labels.logprobs, ref.topk(64, -1).values.numpy(), atol=tol)
+        np.testing.assert_allclose(s.labels.true_logprob, ref.gather(-1, torch.from_numpy(s.targets)[:, None])[:, 0],
+                                   atol=tol)
+    greedy = store.sequence(1)
+    assert greedy.row["source"] == "teacher_greedy"
+    assert (greedy.labels.ids[:, 0] == greedy.targets).all()  # greedy tokens are the teacher's top-1

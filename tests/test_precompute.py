@@ -172,3 +172,13 @@ def test_overlong_sequences_are_skipped_or_truncated_and_counted(tiny_model, dol
     prompt_dropped = sum(v for k, v in truncated.dropped.items() if "prompt" in k)
     assert store.n_sequences == 12 - prompt_dropped
     assert verify_store(store)["ok"]
+
+
+def test_greedy_responses_are_cut_at_max_length(tiny_model, dolly, tmp_path):
+    summary = run(cfg(tiny_model, dolly, tmp_path / "s", limit=6, augment=["greedy"], max_new_tokens=64,
+                      max_length=200), show_progress=False)
+    table = SoftLabelStore(str(tmp_path / "s")).table()
+    greedy = [r for r in table.to_pylist() if r["source"] == "teacher_greedy"]
+    assert greedy and max(r["n_tokens"] for r in greedy) <= 200
+    assert summary.dropped["teacher_greedy: prompt longer than --max-length"] == 6 - len(greedy)
+    assert verify_store(SoftLabelStore(str(tmp_path / "s")))["ok"]

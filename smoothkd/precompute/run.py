@@ -102,18 +102,30 @@ class PartPipeline:
         for r, p in zip(records, prompts):
             out.append(self._fit(r, "original", p, self.formatter.response_ids(r, p, r.response), r.response, False))
         if "greedy" in self.cfg.augment:
-            order = sorted(range(len(records)), key=lambda i: len(prompts[i]))  # little padding per batch
-            greedy: dict[int, Sequence | None] = {}
-            for b in range(0, len(order), self.cfg.batch_size):
-                batch = order[b : b + self.cfg.batch_size]
-                gens = self.teacher.generate([prompts[i] for i in batch], self.cfg.max_new_tokens)
-                for i, g in zip(batch, gens):
-                    text = self.teacher.tokenizer.decode(g.ids, skip_special_tokens=True)
-                    greedy[i] = self._fit(records[i], "teacher_greedy", prompts[i], g.ids, text, not g.finished)
-                self.advance("generating", len(batch), 0)
+            greedy = self._greedy(records, prompts)
             # original then teacher_greedy for each record, in record order
             out = [s for i, o in enumerate(out) for s in (o, greedy[i])]
         return [s for s in out if s is not None]
+
+    def _greedy(self, records: list[Record], prompts: list[list[int]]) -> list[Sequence | None]:
+        """The teacher's greedy responses, cut at --max-new-tokens or --max-length (and marked truncated)."""
+        room = [self.cfg.max_length - len(p) for p in prompts]
+        out: list[Sequence | None] = [None] * len(records)
+        for i in range(len(records)):
+            if room[i] < 1:
+                self.summary.dropped["teacher_greedy: prompt longer than --max-length"] += 1
+        order = sorted((i for i in range(len(records)) if room[i] >= 1), key=lambda i: len(prompts[i]))
+        for b in range(0, len(order), self.cfg.batch_size):
+            batch = order[b : b + self.cfg.batch_size]  # similar prompt lengths: little padding
+            max_new = min(self.cfg.max_new_tokens, max(room[i] for i in batch))
+            for i, g in zip(batch, self.teacher.generate([prompts[i] for i in batch], max_new)):
+                ids = g.ids[: room[i]]
+                text = self.teacher.tokenizer.decode(ids, skip_special_tokens=True)
+                out[i] = Sequence(records[i], "teacher_greedy", prompts[i], ids, text,
+                                  truncated=not g.finished or len(ids) < len(g.ids))
+            self.advance("generating", len(batch), 0)
+        self.advance("generating", len(records) - len(order), 0)
+        return out
 
     def score(self, seqs: list[Sequence]) -> list[spec.TopKLabels]:
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens))  # similar lengths share a batch

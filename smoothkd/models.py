@@ -144,10 +144,13 @@ def resolve(model: str, pull_missing: bool = True) -> str:
     # "org/name" is a hub id; anything else with a path shape is meant as a local path.
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith("/")
     if p.exists() or looks_like_path:
-        if not p.is_dir():
-            raise SmoothkdError(f"model path {model} does not exist or is not a directory")
-        if not (p / "config.json").is_file():
-            raise SmoothkdError(f"model path {model} is not a transformers checkpoint (no config.json)")
+        try:
+            if not p.is_dir():
+                raise SmoothkdError(f"model path {model} does not exist or is not a directory")
+            if not (p / "config.json").is_file():
+                raise SmoothkdError(f"model path {model} is not a transformers checkpoint (no config.json)")
+        except OSError as e:
+            raise SmoothkdError(f"model path {model} cannot be read: {e}") from e
         return str(p)
     return model  # a hub id: transformers resolves it (and fails clearly when offline)
 

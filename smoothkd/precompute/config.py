@@ -79,5 +79,9 @@ class PrecomputeConfig:
         i, sep, n = self.shard.partition("/")
         if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
             problems.append(f"--shard {self.shard!r} must be i/n with 0 <= i < n, e.g. 0/4")
+        elif self.overwrite and int(n) > 1:
+            # Each shard would delete the parts the others already wrote.
+            problems.append("--overwrite cannot be combined with --shard i/n for n > 1: delete the old store "
+                            "(or run --overwrite once without --shard), then start the shards")
         if problems:
             raise SmoothkdError("invalid options:\n  " + "\n  ".join(problems))

@@ -56,7 +56,7 @@ def build_manifest(cfg: PrecomputeConfig, teacher: TeacherBackend, location: str
         vocab_size=teacher.vocab_size,
         id_dtype=spec.id_dtype(teacher.vocab_size).name,
         teacher={"name": cfg.model, "path": location, "weights_sha256": weights_fingerprint(location),
-                 "backend": teacher.name, "dtype": teacher.dtype},
+                 "revision": teacher.revision, "backend": teacher.name, "dtype": teacher.dtype},
         tokenizer={"fingerprint": tokenizer_fingerprint(teacher.tokenizer),
                    "chat_template_sha256": text_sha256(chat_template),
                    "stop_ids": sorted(teacher.stop_ids)},
@@ -168,6 +168,8 @@ def run(cfg: PrecomputeConfig, show_progress: bool = True, log: Callable[[str], 
         raise SmoothkdError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
     template = open(cfg.chat_template).read() if cfg.chat_template else None
     formatter = PromptFormatter(teacher.tokenizer, teacher.stop_ids, template)
+    first = loaded.records[0]  # template problems surface here, before anything is written
+    formatter.response_ids(first, formatter.prompt_ids(first), first.response)
     manifest = build_manifest(cfg, teacher, location, loaded, formatter.tokenizer.chat_template)
     writer = StoreWriter(cfg.out, manifest, overwrite=cfg.overwrite)
 
@@ -202,10 +204,13 @@ def run(cfg: PrecomputeConfig, show_progress: bool = True, log: Callable[[str], 
         pipeline = PartPipeline(cfg, teacher, formatter, summary, advance)
         for p in todo:
             block = records[p * cfg.part_size : (p + 1) * cfg.part_size]
+            dropped_before, truncated_before = Counter(summary.dropped), summary.truncated
             part = pipeline.build(block)
             writer.write_part(p, part, {
                 "record_start": p * cfg.part_size,
                 "record_end": p * cfg.part_size + len(block),
+                "dropped": dict(summary.dropped - dropped_before),
+                "truncated": summary.truncated - truncated_before,
                 "shard": cfg.shard,
                 "tool_version": __version__,
             })

@@ -87,6 +87,18 @@ class SoftLabelStore:
         self._seq_starts = np.concatenate([[0], np.cumsum(counts)])
 
     @property
+    def expected_parts(self) -> int:
+        """How many parts the finished store has: one per block of part_size records."""
+        n, size = self.manifest.dataset.get("n_records"), self.manifest.build.get("part_size")
+        return -(-int(n) // int(size)) if n and size else len(self.parts)
+
+    @property
+    def missing_parts(self) -> list[int]:
+        """Parts of the dataset not committed yet (a run still going, killed, or a shard not run)."""
+        done = {p.index for p in self.parts}
+        return [i for i in range(self.expected_parts) if i not in done]
+
+    @property
     def n_sequences(self) -> int:
         return int(self._seq_starts[-1])
 
@@ -168,6 +180,11 @@ class SoftLabelStore:
             ):
                 by_source[src] = by_source.get(src, 0) + n
                 by_split[split] = by_split.get(split, 0) + n
+        dropped: dict[str, int] = {}
+        for p in self.parts:
+            for reason, n in (p.commit.get("dropped") or {}).items():
+                dropped[reason] = dropped.get(reason, 0) + int(n)
+        missing = self.missing_parts
         size = self.bytes_on_disk()
         n_sup = self.n_supervised_tokens
         m = self.manifest
@@ -183,11 +200,16 @@ class SoftLabelStore:
             "logprob_encoding": m.logprob_encoding,
             "n_parts": len(self.parts),
             "n_uncommitted_parts": len(self.uncommitted),
+            "n_expected_parts": self.expected_parts,
+            "missing_parts": [spec.part_name(i) for i in missing],
+            "complete": not missing,
             "n_sequences": self.n_sequences,
             "n_tokens": self.n_tokens,
             "n_supervised_tokens": n_sup,
             "supervised_tokens_by_source": by_source,
             "supervised_tokens_by_split": by_split,
+            "dropped_sequences": dropped,
+            "truncated_sequences": sum(int(p.commit.get("truncated", 0)) for p in self.parts),
             "bytes_on_disk": size,
             "bytes_per_supervised_token": (size / n_sup) if n_sup else None,
             "dataset": m.dataset,

@@ -201,8 +201,8 @@ class Manifest:
 
     top_k: int
     vocab_size: int
-    teacher: dict[str, Any]  # name, path, weights_sha256, backend, dtype
-    tokenizer: dict[str, Any]  # fingerprint, chat_template_sha256, eos_token_id
+    teacher: dict[str, Any]  # name, path, weights_sha256 (local) or revision (hub), backend, dtype
+    tokenizer: dict[str, Any]  # fingerprint, chat_template_sha256, stop_ids
     dataset: dict[str, Any]  # source, fingerprint, n_records, field mapping
     build: dict[str, Any]  # max_length, overlong, augment, max_new_tokens, part_size, split
     logprob_encoding: dict[str, Any] = field(default_factory=lambda: dataclasses.asdict(LogprobEncoding()))
@@ -224,7 +224,9 @@ class Manifest:
 
     def identity(self) -> dict[str, Any]:
         data = self.to_json()
-        for dotted in self.NON_IDENTITY:
+        # A hub teacher has no local weights to hash: then its name (and revision) is its identity.
+        hashed = bool(data["teacher"].get("weights_sha256"))
+        for dotted in self.NON_IDENTITY if hashed else [d for d in self.NON_IDENTITY if d != "teacher.name"]:
             *parents, leaf = dotted.split(".")
             node = data
             for key in parents:

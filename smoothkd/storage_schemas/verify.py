@@ -37,6 +37,12 @@ def verify_store(store: SoftLabelStore, progress: Callable[[str], None] | None =
         faults += part_faults
         n_seq += int(part.commit["n_sequences"])
         n_lab += int(part.commit["n_labels"])
+    missing = store.missing_parts
+    if missing:
+        faults.append(Fault("store", spec.PARTS_DIR, (
+            f"incomplete: {len(missing)} of {store.expected_parts} parts are not committed "
+            f"(first: {spec.part_name(missing[0])}); a run is still going, was killed, or a shard has not run: "
+            "run the same precompute command again to finish it")))
     return {
         "url": store.url,
         "ok": not faults,

@@ -44,6 +44,10 @@ class PartBuilder:
 
     def add(self, meta: dict[str, Any], tokens: np.ndarray, prompt_tokens: int, labels: spec.TopKLabels) -> None:
         n_labels = len(tokens) - prompt_tokens
+        for name in ("logprobs", "true_logprob", "tail"):
+            if not np.isfinite(getattr(labels, name)).all():
+                raise StoreError(f"record {meta.get('record_id')} ({meta.get('source')}): the teacher's {name} "
+                                 "holds NaN or infinity; refusing to store it (check the teacher's dtype)")
         if len(labels) != n_labels or labels.ids.shape[1:] != (self.top_k,):
             raise ValueError(
                 f"record {meta.get('record_id')}: {len(labels)} label rows of width {labels.ids.shape[1:]} "
@@ -121,7 +125,10 @@ class StoreWriter:
             "created": _now(),
             "tool": {"name": "smoothkd", "version": __version__},
         })
-        zarr.open_group(self.loc.zarr_store(), mode="a", zarr_format=3).attrs[spec.MANIFEST_KEY] = manifest.to_json()
+        # One write of the root metadata, manifest included: a concurrent shard never sees a
+        # root group without its manifest.
+        zarr.open_group(self.loc.zarr_store(), mode="a", zarr_format=3,
+                        attributes={spec.MANIFEST_KEY: manifest.to_json()})
         self.manifest = manifest
 
     def committed_parts(self) -> set[int]:

@@ -20,6 +20,7 @@ class TeacherBackend(Protocol):
     vocab_size: int  # rows of the teacher's output distribution
     stop_ids: set[int]  # end-of-turn / end-of-sequence ids
     dtype: str
+    revision: str | None  # the hub commit of a teacher loaded by hub id, else None
 
     def score(self, sequences: list[tuple[list[int], int]], top_k: int) -> list[TopKLabels]:
         """Top-k labels for each (tokens, prompt_len): one row per response token."""

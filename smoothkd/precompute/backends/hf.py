@@ -30,6 +30,7 @@ class HFTeacher:
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.stop_ids = _stop_ids(self.tokenizer, self.model)
+        self.revision = getattr(self.model.config, "_commit_hash", None)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.stop_ids, default=0))
         # Computing logits only where they are needed (response positions) skips most of the

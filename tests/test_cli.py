@@ -148,6 +148,20 @@ def test_unreadable_model_path_and_top_k_beyond_vocabulary(tiny_model, dolly, tm
     assert not (tmp_path / "o").exists()
 
 
+def test_overwrite_is_refused_with_shards(tiny_model, dolly, tmp_path):
+    fails_with(precompute(tiny_model, dolly, tmp_path / "o", "--shard", "1/2", "--overwrite"),
+               "--overwrite cannot be combined with --shard")
+
+
+def test_a_chat_template_that_breaks_prompts_fails_before_anything_is_written(tiny_model, dolly, tmp_path):
+    bad = tmp_path / "t.jinja"  # the generation prompt differs from how the conversation continues
+    bad.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}[assistant says]{% endif %}")
+    fails_with(precompute(tiny_model, dolly, tmp_path / "o", "--chat-template", str(bad)),
+               "does not write the prompt as a prefix")
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_options_are_reported_together(tiny_model, dolly, tmp_path):
     fails_with(precompute(tiny_model, dolly, tmp_path / "o", "--batch-size", "0", "--shard", "2/2",
                           "--overlong", "wrap", "--augment", "beam"),

@@ -82,12 +82,22 @@ def test_sequences_are_chat_formatted_with_supervised_responses(tiny_model, tiny
     assert splits == {"train", "heldout"}
 
 
-def test_heldout_split_is_a_function_of_the_record_id(tiny_model, dolly, tiny_store, tmp_path):
-    """The same record is held out whatever else is in the dataset."""
-    run(cfg(tiny_model, dolly, tmp_path / "s", limit=8), show_progress=False)
-    a = dict(zip(*[SoftLabelStore(str(tiny_store[0])).table()[c].to_pylist() for c in ("record_id", "split")]))
-    b = dict(zip(*[SoftLabelStore(str(tmp_path / "s")).table()[c].to_pylist() for c in ("record_id", "split")]))
-    assert all(a[k] == v for k, v in b.items())
+def test_heldout_split_is_a_function_of_the_record_id(tiny_model, tmp_path):
+    """The same record is held out whatever else is in the dataset, and in whatever order."""
+    from conftest import write_jsonl
+
+    rows = [{"id": f"rec-{i}", "instruction": f"Say {i}.", "response": f"{i}."} for i in range(40)]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    write_jsonl(tmp_path / "b.jsonl", rows[::-1][:25] + [{"id": "new", "instruction": "x", "response": "y"}])
+    splits = []
+    for name in ("a", "b"):
+        run(PrecomputeConfig(model=str(tiny_model), dataset=str(tmp_path / f"{name}.jsonl"), out=str(tmp_path / name),
+                             top_k=4, heldout_fraction=0.3), show_progress=False)
+        t = SoftLabelStore(str(tmp_path / name)).table()
+        splits.append(dict(zip(t["record_id"].to_pylist(), t["split"].to_pylist())))
+    a, b = splits
+    assert 0 < list(a.values()).count("heldout") < 40
+    assert all(a[k] == v for k, v in b.items() if k != "new")
 
 
 def test_rerun_resumes_and_interrupted_run_equals_uninterrupted(tiny_model, dolly, tiny_store, tmp_path, monkeypatch):
@@ -176,9 +186,11 @@ def test_overlong_sequences_are_skipped_or_truncated_and_counted(tiny_model, dol
 
 def test_greedy_responses_are_cut_at_max_length(tiny_model, dolly, tmp_path):
     summary = run(cfg(tiny_model, dolly, tmp_path / "s", limit=6, augment=["greedy"], max_new_tokens=64,
-                      max_length=200), show_progress=False)
+                      max_length=60, overlong="truncate"), show_progress=False)
     table = SoftLabelStore(str(tmp_path / "s")).table()
     greedy = [r for r in table.to_pylist() if r["source"] == "teacher_greedy"]
-    assert greedy and max(r["n_tokens"] for r in greedy) <= 200
+    assert greedy and max(r["n_tokens"] for r in greedy) <= 60
+    cut = [r for r in greedy if r["n_tokens"] == 60]  # stopped by --max-length, not by max_new_tokens (64)
+    assert cut and all(r["truncated"] for r in cut)
     assert summary.dropped["teacher_greedy: prompt longer than --max-length"] == 6 - len(greedy)
     assert verify_store(SoftLabelStore(str(tmp_path / "s")))["ok"]

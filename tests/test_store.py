@@ -18,10 +18,11 @@ from smoothkd.storage_schemas.fsio import StoreLocation
 V, K = 300, 8
 
 
-def manifest(top_k: int = K, teacher: str = "w1") -> Manifest:
+def manifest(top_k: int = K, teacher: str = "w1", n_records: int = 4) -> Manifest:
     return Manifest(top_k=top_k, vocab_size=V, id_dtype=spec.id_dtype(V).name,
                     teacher={"name": "t", "path": "/x", "weights_sha256": teacher, "backend": "hf", "dtype": "float32"},
-                    tokenizer={"fingerprint": "tok"}, dataset={"fingerprint": "d"}, build={"part_size": 4})
+                    tokenizer={"fingerprint": "tok"}, dataset={"fingerprint": "d", "n_records": n_records},
+                    build={"part_size": 4})
 
 
 def random_sequences(n: int, seed: int):
@@ -44,6 +45,8 @@ def random_sequences(n: int, seed: int):
 
 
 def write(url: str, parts: dict[int, int], **kw) -> StoreWriter:
+    """Parts {index: n_sequences}; the manifest expects parts up to the highest index unless told."""
+    kw.setdefault("n_records", 4 * (max(parts) + 1))
     w = StoreWriter(url, manifest(**kw))
     for index, n in parts.items():
         b = PartBuilder(top_k=K)
@@ -75,15 +78,32 @@ def test_round_trip_returns_what_was_written(tmp_path, scheme):
     assert verify_store(store)["ok"]
 
 
-def test_uncommitted_part_is_invisible_and_reported(tmp_path):
+def test_uncommitted_part_is_invisible_and_the_store_incomplete(tmp_path):
     url = str(tmp_path / "s")
     write(url, {0: 3, 1: 2})
     StoreLocation(url).remove(spec.PARTS_DIR, spec.part_name(1), spec.COMMIT_FILE)  # as if killed before commit
     store = SoftLabelStore(url)
     assert [p.index for p in store.parts] == [0]
     assert store.n_sequences == 3
+    assert store.info()["missing_parts"] == ["part-000001"] and not store.info()["complete"]
     report = verify_store(store)
-    assert report["ok"] and "part-000001" in report["warnings"][0]
+    assert "part-000001" in report["warnings"][0]
+    assert not report["ok"] and "incomplete: 1 of 2 parts" in report["faults"][0]["message"]
+
+
+def test_a_part_that_never_started_makes_the_store_incomplete(tmp_path):
+    url = str(tmp_path / "s")
+    write(url, {0: 3}, n_records=12)  # 3 parts expected, only part 0 written (say, shard 0/3 alone)
+    report = verify_store(SoftLabelStore(url))
+    assert not report["warnings"]
+    assert [f["array"] for f in report["faults"]] == ["parts"] and "2 of 3 parts" in report["faults"][0]["message"]
+
+
+def test_nan_from_the_teacher_is_refused_before_commit():
+    meta, tokens, prompt, lab = random_sequences(1, 0)[0]
+    lab.logprobs[0, 3] = np.nan
+    with pytest.raises(StoreError, match="NaN"):
+        PartBuilder(top_k=K).add(meta, tokens, prompt, lab)
 
 
 def test_torn_commit_file_counts_as_uncommitted(tmp_path):
@@ -144,7 +164,7 @@ def _faults(tmp_path):
     (lambda g: g["topk_logprobs"].__setitem__((0, 0), 60000), "topk_logprobs", "not sorted"),
     (lambda g: g["tail"].__setitem__(2, np.nan), "tail", "NaN"),
     (lambda g: g["tail"].__setitem__(2, 0.9), "tail", "mass + tail"),
-    (lambda g: g["true_logprob"].__setitem__(0, 0), "true_logprob", ""),
+    (lambda g: g["true_logprob"].__setitem__(0, 0), "true_logprob", "is more probable than the k-th"),
 ])
 def test_verify_names_the_part_and_array_at_fault(tmp_path, corrupt, array, message):
     write(str(tmp_path / "s"), {0: 4})

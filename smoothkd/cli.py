@@ -13,12 +13,13 @@ from rich.table import Table
 
 from smoothkd import __version__
 from smoothkd.errors import SmoothkdError
-from smoothkd.precompute.config import PrecomputeConfig, doc
+from smoothkd.options import doc
+from smoothkd.precompute.config import PrecomputeConfig
 
 app = typer.Typer(help="Offline soft-label knowledge distillation for LLM fine-tuning.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 precompute_app = typer.Typer(help="Stage one: run a teacher once and write a soft-label store.", no_args_is_help=True)
-distill_app = typer.Typer(help="Stage two: train a student from a store (not in this release yet).")
+distill_app = typer.Typer(help="Stage two: train a student from a store, no live teacher.", no_args_is_help=True)
 evaluate_app = typer.Typer(help="Evaluate checkpoints: faithfulness, calibration, general tasks (not in this release yet).")
 store_app = typer.Typer(help="Inspect and check soft-label stores.", no_args_is_help=True)
 models_app = typer.Typer(help="Embedded default models.", no_args_is_help=True)
@@ -120,6 +121,64 @@ def precompute_teacher(
     if summary.invalid_records:
         out.print(f"  skipped {summary.invalid_records:,} invalid records (--skip-invalid)", highlight=False)
     _print_store_line(info)
+
+
+def _d(name: str) -> str:
+    from smoothkd.distill.config import DistillConfig
+
+    return doc(DistillConfig, name)
+
+
+@distill_app.command("student")
+@friendly
+def distill_student(
+    store: str = typer.Option(..., help=_d("store")),
+    out_: str = typer.Option(..., "--out", help=_d("out")),
+    model: str = typer.Option("smollm2-135m-instruct", help=_d("model")),
+    alpha: float = typer.Option(0.1, help=_d("alpha")),
+    loss: str = typer.Option("topk_tail", help=_d("loss")),
+    temperature: float = typer.Option(1.0, help=_d("temperature")),
+    lr: float = typer.Option(1e-5, help=_d("lr")),
+    warmup_steps: int = typer.Option(0, help=_d("warmup_steps")),
+    weight_decay: float = typer.Option(0.0, help=_d("weight_decay")),
+    max_grad_norm: float = typer.Option(1.0, help=_d("max_grad_norm")),
+    batch_size: int = typer.Option(8, help=_d("batch_size")),
+    grad_accum: int = typer.Option(1, help=_d("grad_accum")),
+    epochs: int = typer.Option(1, help=_d("epochs")),
+    max_steps: Optional[int] = typer.Option(None, help=_d("max_steps")),
+    sources: str = typer.Option("original", help=_d("sources") + " Comma-separated."),
+    seed: int = typer.Option(0, help=_d("seed")),
+    lora: bool = typer.Option(False, help=_d("lora")),
+    lora_rank: int = typer.Option(16, help=_d("lora_rank")),
+    freeze: str = typer.Option("", help=_d("freeze") + " Comma-separated."),
+    save_every: int = typer.Option(50, help=_d("save_every")),
+    resume: bool = typer.Option(False, help=_d("resume")),
+    allow_incomplete_store: bool = typer.Option(False, help=_d("allow_incomplete_store")),
+    dtype: str = typer.Option("auto", help=_d("dtype")),
+    device: str = typer.Option("auto", help=_d("device")),
+    json_: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Train a student on a store's soft labels: L = CE(hard) + alpha * KD."""
+    from smoothkd.distill.config import DistillConfig
+    from smoothkd.distill.trainer import run
+
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    cfg = DistillConfig(
+        store=store, out=out_, model=model, alpha=alpha, loss=loss, temperature=temperature, lr=lr,
+        warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, batch_size=batch_size,
+        grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, sources=split(sources), seed=seed, lora=lora,
+        lora_rank=lora_rank, freeze=split(freeze), save_every=save_every, resume=resume,
+        allow_incomplete_store=allow_incomplete_store, dtype=dtype, device=device,
+    )
+    summary = run(cfg, show_progress=not json_, log=lambda m: err.print(m, highlight=False))
+    if json_:
+        print(json.dumps(summary, indent=2))
+        return
+    last = summary["last"]
+    out.print(f"[bold green]trained[/] {summary['steps']} steps, {summary['supervised_tokens']:,} supervised tokens "
+              f"in {summary['seconds']:.1f} s; last loss {last.get('loss', float('nan')):.4f} "
+              f"(ce {last.get('ce', float('nan')):.4f}, kd {last.get('kd', float('nan')):.4f}); "
+              f"checkpoint in {cfg.out}", highlight=False)
 
 
 def _print_store_line(info: dict[str, Any]) -> None:
@@ -268,3 +327,7 @@ def models_list() -> None:
         path = embedded_path(name)
         state = str(path) if path.exists() else "not pulled"
         out.print(f"{name}  {m.wheel}  {m.license}  {state}", highlight=False)
+
+
+if __name__ == "__main__":  # `python -m smoothkd.cli ...`, e.g. under torchrun
+    app()

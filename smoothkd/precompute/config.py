@@ -2,51 +2,39 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from smoothkd.errors import SmoothkdError
 from smoothkd.models import DEFAULT_MODEL
+from smoothkd.options import opt
 
 AUGMENTS = ("greedy",)
 OVERLONG = ("skip", "truncate")
 
 
-def doc(cls: type, name: str) -> str:
-    """The help text of a config field (the CLI's --help comes from here)."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}[name]
-
-
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class PrecomputeConfig:
-    dataset: str = _f("", "Instruction records: a .jsonl or .parquet file, or a Hugging Face dataset id.")
-    out: str = _f("", "Store to write: a directory or any fsspec URL (s3://, gs://, memory://).")
-    model: str = _f(DEFAULT_MODEL, "Teacher: an embedded model name, a local checkpoint directory, or a hub id.")
-    top_k: int = _f(64, "Teacher log-probs kept per supervised token.")
-    backend: str = _f("hf", "Teacher backend.")
-    augment: list[str] = _f([], "Extra sources: 'greedy' adds the teacher's own greedy responses (sequence-level KD).")
-    max_new_tokens: int = _f(256, "Longest greedy response (with --augment greedy).")
-    limit: int | None = _f(None, "Use only the first N records.")
-    max_length: int = _f(1024, "Longest sequence, prompt + response, in tokens.")
-    overlong: str = _f("skip", "Sequences longer than --max-length: 'skip' them, or 'truncate' the response.")
-    batch_size: int = _f(8, "Sequences per teacher forward pass.")
-    part_size: int = _f(256, "Records per store part (the unit of commit, resume and sharding).")
-    shard: str = _f("0/1", "Write only parts i, i+n, i+2n, ... of n ('i/n'), for several workers.")
-    heldout_fraction: float = _f(0.05, "Share of records marked 'heldout' (by record id) for later evaluation.")
-    fields: dict[str, str] = _f({}, "Column names of another instruction set, e.g. response=answer.")
-    dataset_split: str = _f("train", "Split to read when --dataset is a hub id.")
-    chat_template: str | None = _f(None, "A Jinja chat template file, for tokenizers without one.")
-    skip_invalid: bool = _f(False, "Skip (and count) records with missing fields or empty responses instead of failing.")
-    overwrite: bool = _f(False, "Replace an existing store at --out that was built differently.")
-    dtype: str = _f("auto", "Teacher dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
-    device: str = _f("auto", "Teacher device: auto, cpu, cuda, cuda:1, ...")
+    dataset: str = opt("", "Instruction records: a .jsonl or .parquet file, or a Hugging Face dataset id.")
+    out: str = opt("", "Store to write: a directory or any fsspec URL (s3://, gs://, memory://).")
+    model: str = opt(DEFAULT_MODEL, "Teacher: an embedded model name, a local checkpoint directory, or a hub id.")
+    top_k: int = opt(64, "Teacher log-probs kept per supervised token.")
+    backend: str = opt("hf", "Teacher backend.")
+    augment: list[str] = opt([], "Extra sources: 'greedy' adds the teacher's own greedy responses (sequence-level KD).")
+    max_new_tokens: int = opt(256, "Longest greedy response (with --augment greedy).")
+    limit: int | None = opt(None, "Use only the first N records.")
+    max_length: int = opt(1024, "Longest sequence, prompt + response, in tokens.")
+    overlong: str = opt("skip", "Sequences longer than --max-length: 'skip' them, or 'truncate' the response.")
+    batch_size: int = opt(8, "Sequences per teacher forward pass.")
+    part_size: int = opt(256, "Records per store part (the unit of commit, resume and sharding).")
+    shard: str = opt("0/1", "Write only parts i, i+n, i+2n, ... of n ('i/n'), for several workers.")
+    heldout_fraction: float = opt(0.05, "Share of records marked 'heldout' (by record id) for later evaluation.")
+    fields: dict[str, str] = opt({}, "Column names of another instruction set, e.g. response=answer.")
+    dataset_split: str = opt("train", "Split to read when --dataset is a hub id.")
+    chat_template: str | None = opt(None, "A Jinja chat template file, for tokenizers without one.")
+    skip_invalid: bool = opt(False, "Skip (and count) records with missing fields or empty responses instead of failing.")
+    overwrite: bool = opt(False, "Replace an existing store at --out that was built differently.")
+    dtype: str = opt("auto", "Teacher dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
+    device: str = opt("auto", "Teacher device: auto, cpu, cuda, cuda:1, ...")
 
     @property
     def shard_index(self) -> tuple[int, int]:

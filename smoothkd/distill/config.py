@@ -1,0 +1,79 @@
+"""The configuration of `smoothkd distill student`: one frozen dataclass, documented once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from smoothkd.errors import SmoothkdError
+from smoothkd.models import DEFAULT_MODEL
+from smoothkd.options import opt
+from smoothkd.storage_schemas.spec import SOURCES
+
+FREEZE_GROUPS = ("embed", "attn", "mlp", "norm", "lm_head")  # and layers:A-B
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    store: str = opt("", "Soft-label store written by `smoothkd precompute teacher`.")
+    out: str = opt("", "Run directory: the checkpoint, its config, the training log.")
+    model: str = opt(DEFAULT_MODEL, "Student: an embedded model name, a local checkpoint directory, or a hub id.")
+    alpha: float = opt(0.1, "Weight of the KD term: L = CE(hard) + alpha * KD. 0 is the SFT baseline, on the same batches.")
+    loss: str = opt("topk_tail", "KD loss: topk_tail (teacher top-k plus its tail bucket) or topk_renorm.")
+    temperature: float = opt(1.0, "Softmax temperature of the KD term (teacher re-tempered within its top-k; KD x tau^2).")
+    lr: float = opt(1e-5, "Peak learning rate (AdamW; linear warm-up, then linear decay to 0).")
+    warmup_steps: int = opt(0, "Optimizer steps of linear warm-up.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0: no clipping).")
+    batch_size: int = opt(8, "Sequences per micro-batch (per process).")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    epochs: int = opt(1, "Passes over the selected sequences.")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
+    sources: list[str] = opt(["original"], "Store sources to train on: original (word-level KD), teacher_greedy "
+                                           "(sequence-level KD), or both.")
+    seed: int = opt(0, "Seed of the data order and of initialisation (LoRA).")
+    lora: bool = opt(False, "Train LoRA adapters (peft) instead of all weights; the adapter is saved, plus a merged model.")
+    lora_rank: int = opt(16, "LoRA rank (with --lora).")
+    freeze: list[str] = opt([], "Parameter groups to freeze: embed, attn, mlp, norm, lm_head, layers:A-B (A..B inclusive).")
+    save_every: int = opt(50, "Write a resumable checkpoint every N optimizer steps (and at the end).")
+    resume: bool = opt(False, "Continue from the run directory's last checkpoint.")
+    allow_incomplete_store: bool = opt(False, "Train on a store that still misses parts (see `store info`).")
+    dtype: str = opt("auto", "Student dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.")
+    device: str = opt("auto", "Student device: auto, cpu, cuda, ...")
+
+    def validate(self, losses: tuple[str, ...]) -> None:
+        problems = []
+        if not self.store:
+            problems.append("--store is required")
+        if not self.out:
+            problems.append("--out is required")
+        if self.alpha < 0:
+            problems.append(f"--alpha must be >= 0 (0 is plain SFT), got {self.alpha}")
+        if self.temperature <= 0:
+            problems.append(f"--temperature must be > 0, got {self.temperature}")
+        if self.loss not in losses:
+            problems.append(f"--loss {self.loss!r} is not one of {', '.join(losses)}")
+        if not self.sources:
+            problems.append(f"--sources selects nothing; choose from {', '.join(SOURCES)}")
+        bad = [s for s in self.sources if s not in SOURCES]
+        if bad:
+            problems.append(f"--sources {', '.join(bad)}: not one of {', '.join(SOURCES)}")
+        for name in ("batch_size", "grad_accum", "epochs", "save_every", "lora_rank"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.lr <= 0:
+            problems.append(f"--lr must be > 0, got {self.lr}")
+        for group in self.freeze:
+            if group not in FREEZE_GROUPS and not _layer_range(group):
+                problems.append(f"--freeze {group!r}: not one of {', '.join(FREEZE_GROUPS)} or layers:A-B")
+        if problems:
+            raise SmoothkdError("invalid options:\n  " + "\n  ".join(problems))
+
+
+def _layer_range(group: str) -> range | None:
+    name, _, span = group.partition(":")
+    a, _, b = span.partition("-")
+    if name != "layers" or not a.isdigit() or not (b or a).isdigit():
+        return None
+    return range(int(a), int(b or a) + 1)

@@ -1,0 +1,89 @@
+"""Sparse knowledge-distillation losses from a teacher's stored top-k.
+
+The store keeps, per supervised position, the teacher's k most probable token ids, their
+log-probs at temperature 1, and the exact mass r outside them (the tail). Both losses here
+touch only those k columns of the student besides its normaliser, so the KD term costs a
+gather over the CE term, not a second pass over the vocabulary.
+
+Each loss returns one value per position, shape [n]; the caller averages over supervised
+tokens and scales by alpha. Both are multiplied by tau^2 so that their gradients keep the
+same size whatever the temperature (Hinton et al., 2015).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """Teacher soft labels for n supervised positions, as torch tensors on the student's device."""
+
+    ids: torch.Tensor  # [n, k] int64, teacher top-k token ids, most probable first
+    logprobs: torch.Tensor  # [n, k] float32, teacher log-probs at temperature 1 (log-softmax over the full vocabulary)
+    tail: torch.Tensor  # [n] float32, teacher mass outside the top-k, r = 1 - sum_i exp(logprobs_i) (stored separately, exact)
+
+
+def _student_logprobs(student_logits: torch.Tensor, teacher: TeacherTopK, temperature: float) -> torch.Tensor:
+    """Student log-probs at temperature tau, over the full vocabulary, at the teacher's top-k ids: [n, k].
+
+    Gathering the logits and subtracting one logsumexp avoids materialising (and keeping for
+    backward) a full [n, V] log-softmax; the logsumexp is the only full-vocabulary pass.
+    """
+    n, k = teacher.ids.shape
+    if student_logits.dim() != 2 or student_logits.shape[0] != n or teacher.logprobs.shape != (n, k) \
+            or teacher.tail.shape != (n,):
+        # gather would silently broadcast some mismatches (e.g. one teacher row for all positions)
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} must be [n, V] with the teacher's n: "
+            f"ids {tuple(teacher.ids.shape)}, logprobs {tuple(teacher.logprobs.shape)}, "
+            f"tail {tuple(teacher.tail.shape)}"
+        )
+    z = student_logits.float()  # [n, V]; a no-op for float32 input
+    if temperature != 1.0:
+        z = z / temperature
+    return z.gather(-1, teacher.ids) - torch.logsumexp(z, dim=-1, keepdim=True)  # [n, k]
+
+
+def topk_tail(student_logits: torch.Tensor, teacher: TeacherTopK, temperature: float = 1.0) -> torch.Tensor:
+    """KD cross-entropy over k + 1 outcomes: the teacher's top-k tokens and one tail bucket. [n]
+
+    Teacher: q_i = (1 - r) softmax(logprobs / tau)_i on the top-k S, and r on the tail; at
+    tau = 1 this is the teacher itself. Student: p_i on S and 1 - sum_S p on the tail, from
+    log_softmax(student_logits / tau) over the full vocabulary.
+    loss = tau^2 (-sum_S q_i log p_i - r log(1 - sum_S p_i)).
+
+    Unlike renormalising over S, this is minimised exactly when the student matches the
+    teacher on S and on the total mass it leaves outside S.
+    """
+    logp = _student_logprobs(student_logits, teacher, temperature)  # [n, k]
+    r = teacher.tail.float()  # [n]
+    # (1 - r) * softmax rather than exp(logprobs / tau): q sums to 1 - r exactly at any tau.
+    q = (1.0 - r)[:, None] * torch.softmax(teacher.logprobs.float() / temperature, dim=-1)  # [n, k]
+    # log(1 - sum_S p) = log(-expm1(log sum_S p)) from the k gathered columns alone. The clamp
+    # keeps it finite when the student leaves (numerically) nothing outside S: the term is then
+    # r * log(tiny), 0 when r == 0 rather than 0 * -inf = NaN, and clamp_min passes no gradient
+    # there, so the backward pass stays finite as well (masking the value afterwards would not).
+    lse_in = torch.logsumexp(logp, dim=-1)  # [n], log sum_S p, <= 0 up to rounding
+    log_tail = torch.log(torch.clamp_min(-torch.expm1(lse_in), _TINY))  # [n]
+    return temperature**2 * (-(q * logp).sum(dim=-1) - r * log_tail)
+
+
+def topk_renorm(student_logits: torch.Tensor, teacher: TeacherTopK, temperature: float = 1.0) -> torch.Tensor:
+    """KD cross-entropy against the teacher renormalised over its top-k S. [n]
+
+    q = softmax(logprobs / tau) over S; loss = tau^2 (-sum_S q_i log p_i), with p the student
+    at temperature tau over the full vocabulary. The common choice, but biased: it ignores the
+    teacher's tail r and so pushes the student to put all its mass inside S.
+    """
+    logp = _student_logprobs(student_logits, teacher, temperature)  # [n, k]
+    q = torch.softmax(teacher.logprobs.float() / temperature, dim=-1)  # [n, k]
+    return temperature**2 * -(q * logp).sum(dim=-1)
+
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {"topk_tail": topk_tail, "topk_renorm": topk_renorm}

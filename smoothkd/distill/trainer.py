@@ -1,0 +1,244 @@
+"""`smoothkd distill student`: train a student from a store, no live teacher.
+
+The step (`loss_step`) is pure; data order, logging, checkpoints and distribution live in
+`run`. Multi-process runs use torch.distributed (`torchrun --nproc_per_node N -m
+smoothkd.cli distill student ...` or `accelerate launch`): each rank reads its own slice of
+the store, DDP averages gradients, and Join lets ranks with one batch fewer finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.algorithms.join import Join
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from smoothkd import __version__
+from smoothkd.distill.config import DistillConfig, _layer_range
+from smoothkd.distill.data import Batch, StoreDataset
+from smoothkd.distill.losses import LOSSES
+from smoothkd.errors import SmoothkdError
+from smoothkd.models import load_causal_lm, load_tokenizer, resolve, tokenizer_fingerprint
+from smoothkd.storage_schemas import SoftLabelStore
+
+RUN_FILE = "smoothkd_run.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINT = "checkpoint"
+
+
+def loss_step(model: Any, batch: Batch, cfg: DistillConfig, n_step_tokens: int, keep_positions: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = (CE(hard) + alpha * KD) summed over the batch's supervised tokens / the step's count."""
+    kwargs = {}
+    supervised = batch.supervised  # [b, L]
+    if keep_positions:  # logits only where a response token is predicted
+        keep = supervised.any(dim=0).nonzero().squeeze(-1)  # [K]
+        kwargs["logits_to_keep"] = keep
+        supervised = supervised[:, keep]  # [b, K]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs).logits
+    logits = logits[supervised].float()  # [n, V], rows in the order of batch.targets
+    ce = F.cross_entropy(logits, batch.targets, reduction="sum")
+    kd = LOSSES[cfg.loss](logits, batch.teacher, cfg.temperature).sum() if cfg.alpha > 0 else ce.new_zeros(())
+    loss = (ce + cfg.alpha * kd) / n_step_tokens
+    n = max(batch.n_supervised, 1)
+    return loss, {"ce": ce.item() / n, "kd": kd.item() / n}
+
+
+def _freeze(model: Any, groups: list[str]) -> None:
+    """Freeze named parameter groups (Llama-style names; tied embeddings freeze lm_head too)."""
+    patterns = {"embed": ("embed_tokens",), "attn": ("self_attn.",), "mlp": (".mlp.",),
+                "norm": ("norm.",), "lm_head": ("lm_head.",)}
+    for group in groups:
+        layers = _layer_range(group)
+        keys = tuple(f"layers.{i}." for i in layers) if layers else patterns[group]
+        hit = [n for n, p in model.named_parameters() if any(k in n for k in keys)]
+        if not hit:
+            raise SmoothkdError(f"--freeze {group}: no parameter of this model matches {keys}")
+        for name, p in model.named_parameters():
+            if name in hit:
+                p.requires_grad_(False)
+
+
+def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(out: Path, model: Any, opt: Any, sched: Any, state: dict[str, Any]) -> None:
+    """Everything resume needs, swapped in atomically (a killed save leaves the previous one)."""
+    tmp, final, old = out / f"{CHECKPOINT}.tmp", out / CHECKPOINT, out / f"{CHECKPOINT}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"params": _trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": torch.get_rng_state()}, tmp / "state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(out: Path, model: Any, opt: Any, sched: Any) -> dict[str, Any]:
+    blob = torch.load(out / CHECKPOINT / "state.pt", map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in blob["params"].items():
+            params[name].copy_(value)
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["rng"])
+    return json.loads((out / CHECKPOINT / "trainer_state.json").read_text())
+
+
+def _store_identity(store: SoftLabelStore) -> dict[str, Any]:
+    m = store.manifest
+    return {"url": store.url, "schema_version": m.schema_version, "teacher": m.teacher, "top_k": m.top_k,
+            "tokenizer": m.tokenizer, "dataset": m.dataset, "created": m.created}
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
+def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    cfg.validate(tuple(LOSSES))
+    rank, world = _distributed()
+    out = Path(cfg.out)
+    store = SoftLabelStore(cfg.store)
+    if store.missing_parts and not cfg.allow_incomplete_store:
+        raise SmoothkdError(f"{cfg.store} is incomplete ({len(store.missing_parts)} of {store.expected_parts} parts "
+                            "missing); finish the precompute run, or pass --allow-incomplete-store")
+    if (out / RUN_FILE).exists() or (out / CHECKPOINT).exists():
+        if not cfg.resume:
+            raise SmoothkdError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    location = resolve(cfg.model)
+    tokenizer = load_tokenizer(location)
+    want, have = store.manifest.tokenizer.get("fingerprint"), tokenizer_fingerprint(tokenizer)
+    if want != have:
+        raise SmoothkdError(f"the student's tokenizer ({cfg.model}) differs from the one the store was built with "
+                            f"(fingerprint {have[:12]} vs {want[:12]}); soft labels are per token id, so the student "
+                            "must share the teacher's tokenizer")
+    torch.manual_seed(cfg.seed)
+    model = load_causal_lm(location, dtype=cfg.dtype, device=cfg.device)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if vocab < store.manifest.vocab_size:
+        raise SmoothkdError(f"the student's vocabulary ({vocab}) is smaller than the store's ({store.manifest.vocab_size})")
+    keep_positions = "logits_to_keep" in inspect.signature(model.forward).parameters
+    _freeze(model, cfg.freeze)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = StoreDataset(store, list(cfg.sources), pad_id=int(pad or 0))
+    rank0_batches = len(data.batches(0, cfg.seed, cfg.batch_size, 0, world))  # the most any rank has
+    steps_per_epoch = math.ceil(rank0_batches / cfg.grad_accum)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise SmoothkdError("--freeze left no parameter to train")
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_steps))
+    state = {"step": 0, "epoch": 0, "batches_done": 0}
+    if cfg.resume and (out / CHECKPOINT).exists():
+        state = _load_checkpoint(out, model, opt, sched)
+        log(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / (LOG_FILE if rank == 0 else f"log-rank{rank}.jsonl")
+    # The log holds exactly the steps the weights have seen: steps logged after the checkpoint
+    # by a killed run are dropped, and run again.
+    kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else [])
+            if json.loads(line)["step"] <= state["step"]]
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+    progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress or rank != 0)
+    started, tokens_seen, last = time.perf_counter(), 0, {}
+    join = Join([train_model]) if world > 1 else contextlib.nullcontext()
+    model.train()
+    with progress, join, open(log_path, "a") as log_file:
+        task = progress.add_task("distill", total=total, completed=state["step"], info="")
+        while state["step"] < total:
+            batches = data.batches(state["epoch"], cfg.seed, cfg.batch_size, rank, world)[state["batches_done"] :]
+            for start in range(0, len(batches), cfg.grad_accum):
+                t0 = time.perf_counter()
+                micro = [data.load(b).to(device) for b in batches[start : start + cfg.grad_accum]]
+                n_tok = sum(b.n_supervised for b in micro)
+                sums = {"ce": 0.0, "kd": 0.0, "loss": 0.0}
+                for b in micro:
+                    loss, stats = loss_step(train_model, b, cfg, n_tok, keep_positions)
+                    loss.backward()
+                    sums["loss"] += loss.item()
+                    for k in ("ce", "kd"):
+                        sums[k] += stats[k] * b.n_supervised / n_tok
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                state["step"] += 1
+                state["batches_done"] += len(micro)
+                tokens_seen += n_tok
+                last = {"step": state["step"], "epoch": state["epoch"], **sums, "lr": sched.get_last_lr()[0],
+                        "supervised_tokens": n_tok,
+                        "tokens_per_s": n_tok / (time.perf_counter() - t0),
+                        "seqs": [s for b in micro for s in b.seqs]}
+                log_file.write(json.dumps(last) + "\n")
+                log_file.flush()
+                progress.update(task, advance=1, info=f"loss {sums['loss']:.3f} ce {sums['ce']:.3f} "
+                                                      f"kd {sums['kd']:.3f} {last['tokens_per_s']:,.0f} tok/s")
+                if rank == 0 and (state["step"] % cfg.save_every == 0 or state["step"] == total):
+                    _save_checkpoint(out, model, opt, sched, state)
+                if state["step"] >= total:
+                    break
+            else:
+                state["epoch"] += 1
+                state["batches_done"] = 0
+    seconds = time.perf_counter() - started
+    summary = {"steps": state["step"], "epochs_started": state["epoch"] + 1, "seconds": seconds,
+               "supervised_tokens": tokens_seen, "last": {k: v for k, v in last.items() if k != "seqs"}}
+    if rank == 0:
+        _save_final(out, model, tokenizer, cfg, store, summary)
+    if world > 1:
+        torch.distributed.barrier()
+    return summary
+
+
+def _save_final(out: Path, model: Any, tokenizer: Any, cfg: DistillConfig, store: SoftLabelStore,
+                summary: dict[str, Any]) -> None:
+    """A normal Hugging Face checkpoint in `out` (merged, with --lora), plus the run record."""
+    if cfg.lora:
+        model.save_pretrained(out / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    record = {"config": dataclasses.asdict(cfg), "store": _store_identity(store), "summary": summary,
+              "tool": {"name": "smoothkd", "version": __version__}}
+    (out / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))

@@ -1,0 +1,186 @@
+"""Stage two on a tiny random Llama and a tiny store built by stage one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from smoothkd.cli import app
+from smoothkd.distill import trainer
+from smoothkd.distill.config import DistillConfig
+from smoothkd.distill.data import StoreDataset
+from smoothkd.distill.trainer import loss_step, run
+from smoothkd.errors import SmoothkdError
+from smoothkd.precompute.config import PrecomputeConfig
+from smoothkd.precompute.run import run as precompute
+from smoothkd.storage_schemas import SoftLabelStore
+
+from conftest import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model, dolly, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "store"
+    precompute(PrecomputeConfig(model=str(tiny_model), dataset=str(dolly), out=str(out), top_k=16, limit=20,
+                                part_size=8, max_length=2048, augment=["greedy"], max_new_tokens=8,
+                                heldout_fraction=0.3), show_progress=False)
+    return out
+
+
+def cfg(tiny_model, store, out, **kw) -> DistillConfig:
+    base = dict(model=str(tiny_model), store=str(store), out=str(out), lr=1e-3, batch_size=3, max_steps=4,
+                save_every=2, alpha=0.5)
+    return DistillConfig(**{**base, **kw})
+
+
+def log(out, name="log.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+
+def test_loss_goes_down_on_a_fixed_batch(tiny_model, store):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    data = StoreDataset(SoftLabelStore(str(store)), ["original"])
+    batch = data.load(data.batches(0, 0, 4)[0])
+    c = DistillConfig(alpha=1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss, _ = loss_step(model, batch, c, batch.n_supervised, keep_positions=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_logits_at_supervised_positions_only_give_the_same_loss(tiny_model, store):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    data = StoreDataset(SoftLabelStore(str(store)), ["original", "teacher_greedy"])
+    batch = data.load(data.batches(0, 0, 4)[0])
+    c = DistillConfig(alpha=0.3)
+    a, sa = loss_step(model, batch, c, batch.n_supervised, keep_positions=True)
+    b, sb = loss_step(model, batch, c, batch.n_supervised, keep_positions=False)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5) and sa["kd"] == pytest.approx(sb["kd"], rel=1e-5)
+
+
+def test_sft_and_kd_runs_see_identical_batches(tiny_model, store, tmp_path):
+    run(cfg(tiny_model, store, tmp_path / "sft", alpha=0.0), show_progress=False)
+    run(cfg(tiny_model, store, tmp_path / "kd", alpha=1.0, loss="topk_renorm"), show_progress=False)
+    sft, kd = log(tmp_path / "sft"), log(tmp_path / "kd")
+    assert [r["seqs"] for r in sft] == [r["seqs"] for r in kd]
+    assert [r["supervised_tokens"] for r in sft] == [r["supervised_tokens"] for r in kd]
+    assert all(r["kd"] == 0 for r in sft) and all(r["kd"] > 0 for r in kd)
+    assert sft[0]["ce"] == pytest.approx(kd[0]["ce"], rel=1e-6)  # same start, same first batch
+
+
+def test_epoch_covers_every_train_sequence_once_and_skips_heldout(tiny_model, store, tmp_path):
+    s = SoftLabelStore(str(store))
+    t = s.table()
+    train = {q for q, src, sp in zip(t["seq"].to_pylist(), t["source"].to_pylist(), t["split"].to_pylist())
+             if sp == "train" and src in ("original", "teacher_greedy")}
+    assert len(train) < s.n_sequences  # some are held out
+    run(cfg(tiny_model, store, tmp_path / "r", max_steps=None, epochs=1, sources=["original", "teacher_greedy"]),
+        show_progress=False)
+    seen = [q for r in log(tmp_path / "r") for q in r["seqs"]]
+    assert sorted(seen) == sorted(train)
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_model, store, tmp_path, monkeypatch):
+    run(cfg(tiny_model, store, tmp_path / "full", max_steps=6, save_every=2, grad_accum=2), show_progress=False)
+    real, calls = trainer.loss_step, {"n": 0}
+
+    def dies_in_step_four(*args, **kwargs):  # two micro-batches per step: call 7 is in step 4
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "loss_step", dies_in_step_four)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg(tiny_model, store, tmp_path / "cut", max_steps=6, save_every=2, grad_accum=2), show_progress=False)
+    monkeypatch.setattr(trainer, "loss_step", real)
+    with pytest.raises(SmoothkdError, match="pass --resume"):
+        run(cfg(tiny_model, store, tmp_path / "cut", max_steps=6, save_every=2, grad_accum=2), show_progress=False)
+    run(cfg(tiny_model, store, tmp_path / "cut", max_steps=6, save_every=2, grad_accum=2, resume=True),
+        show_progress=False)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "cut").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in log(tmp_path / "full")] == [r["loss"] for r in log(tmp_path / "cut")]
+
+
+def test_run_directory_is_a_loadable_checkpoint_with_its_record(tiny_model, store, tmp_path):
+    run(cfg(tiny_model, store, tmp_path / "r"), show_progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "r")
+    out = model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+    record = json.loads((tmp_path / "r" / "smoothkd_run.json").read_text())
+    assert record["config"]["alpha"] == 0.5
+    assert record["store"]["tokenizer"] == SoftLabelStore(str(store)).manifest.tokenizer
+    assert set(log(tmp_path / "r")[0]) >= {"step", "loss", "ce", "kd", "lr", "tokens_per_s"}
+
+
+def test_freeze_keeps_named_groups_fixed(tiny_model, store, tmp_path):
+    run(cfg(tiny_model, store, tmp_path / "r", freeze=["embed", "layers:0-0"]), show_progress=False)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "r").state_dict()
+    for k in after:  # the tiny model ties lm_head to the embeddings: freezing one freezes both
+        frozen = "embed_tokens" in k or k == "lm_head.weight" or "layers.0." in k
+        assert torch.equal(before[k], after[k]) == frozen, k
+
+
+def test_lora_saves_an_adapter_and_a_merged_model(tiny_model, store, tmp_path):
+    run(cfg(tiny_model, store, tmp_path / "r", lora=True, lora_rank=4, lr=1e-2), show_progress=False)
+    assert (tmp_path / "r" / "adapter" / "adapter_config.json").exists()
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "r").state_dict()
+    assert set(after) == set(before)
+    assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_a_student_with_another_tokenizer_is_refused(store, tmp_path):
+    other = build_tiny_model(tmp_path / "other", vocab_size=320, seed=1)
+    with pytest.raises(SmoothkdError, match="tokenizer .* differs from the one the store was built with"):
+        run(cfg(other, store, tmp_path / "r"), show_progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_options_are_refused_before_training(tiny_model, store, tmp_path):
+    result = CliRunner().invoke(app, ["distill", "student", "--model", str(tiny_model), "--store", str(store),
+                                      "--out", str(tmp_path / "r"), "--alpha", "-1", "--temperature", "0",
+                                      "--sources", ",", "--freeze", "wings"])
+    assert result.exit_code == 2
+    message = " ".join(result.stderr.split())
+    for needle in ("--alpha must be >= 0", "--temperature must be > 0", "--sources selects nothing",
+                   "--freeze 'wings'"):
+        assert needle in message, message
+    with pytest.raises(SmoothkdError, match="has no train sequences from sources"):
+        SoftLabelStore(str(store)) and StoreDataset(SoftLabelStore(str(store)), ["nothing"])
+    assert not (tmp_path / "r").exists()
+
+
+def test_two_processes_read_disjoint_slices_that_cover_the_epoch(tiny_model, store, tmp_path):
+    """torch.distributed on the CPU (gloo), 2 processes under torchrun."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "smoothkd.cli", "distill", "student", "--model", str(tiny_model), "--store", str(store),
+           "--out", str(out), "--batch-size", "2", "--epochs", "1", "--sources", "original,teacher_greedy",
+           "--lr", "1e-3", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = [q for r in log(out) for q in r["seqs"]]
+    rank1 = [q for r in log(out, "log-rank1.jsonl") for q in r["seqs"]]
+    data = StoreDataset(SoftLabelStore(str(store)), ["original", "teacher_greedy"])
+    assert rank0 and rank1 and not set(rank0) & set(rank1)
+    assert sorted(rank0 + rank1) == sorted(int(q) for q in data.seq)
+    AutoModelForCausalLM.from_pretrained(out)  # rank 0 saved a loadable checkpoint

@@ -60,6 +60,13 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _quiet_transformers() -> None:
+    """Our own progress bars say what is happening; transformers' per-load bars are noise."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def _h(name: str) -> str:
     return doc(PrecomputeConfig, name)
 
@@ -105,6 +112,7 @@ def precompute_teacher(
         chat_template=str(chat_template) if chat_template else None, skip_invalid=skip_invalid,
         overwrite=overwrite, dtype=dtype, device=device,
     )
+    _quiet_transformers()
     summary = run(cfg, show_progress=not json_, log=lambda m: err.print(m, highlight=False))
     info = SoftLabelStore(cfg.out).info()
     if json_:
@@ -170,6 +178,7 @@ def distill_student(
         lora_rank=lora_rank, freeze=split(freeze), save_every=save_every, resume=resume,
         allow_incomplete_store=allow_incomplete_store, dtype=dtype, device=device,
     )
+    _quiet_transformers()
     summary = run(cfg, show_progress=not json_, log=lambda m: err.print(m, highlight=False))
     if json_:
         print(json.dumps(summary, indent=2))

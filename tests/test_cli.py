@@ -48,7 +48,7 @@ def test_version():
 def test_store_info_json_reports_counts_and_size(store):
     result = runner.invoke(app, ["store", "info", str(store), "--json"])
     assert result.exit_code == 0
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     s = SoftLabelStore(str(store))
     assert info["n_sequences"] == s.n_sequences == 4
     assert info["n_supervised_tokens"] == s.n_supervised_tokens > 0
@@ -62,7 +62,7 @@ def test_store_info_json_reports_counts_and_size(store):
 def test_store_show_json_gives_every_position(store, tiny_model):
     result = runner.invoke(app, ["store", "show", str(store), "--seq", "1", "--json"])
     assert result.exit_code == 0
-    shown = json.loads(result.output)
+    shown = json.loads(result.stdout)
     s = SoftLabelStore(str(store)).sequence(1)
     assert shown["tokens"] == s.tokens.tolist()
     assert len(shown["positions"]) == shown["n_labels"] == len(s.targets)
@@ -76,7 +76,7 @@ def test_store_show_json_gives_every_position(store, tiny_model):
 
 def test_store_verify_exit_code_follows_faults(store, tmp_path):
     ok = runner.invoke(app, ["store", "verify", str(store), "--json"])
-    assert ok.exit_code == 0 and json.loads(ok.output)["ok"]
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["ok"]
     import shutil
 
     bad = tmp_path / "bad"

@@ -23,8 +23,8 @@ def test_precompute_on_smollm2_with_greedy_augmentation(smollm2, dolly, tmp_path
     ])
     assert result.exit_code == 0, result.output + result.stderr
     verify = runner.invoke(app, ["store", "verify", str(out), "--json"])
-    assert verify.exit_code == 0 and json.loads(verify.output)["ok"]
-    info = json.loads(runner.invoke(app, ["store", "info", str(out), "--json"]).output)
+    assert verify.exit_code == 0 and json.loads(verify.stdout)["ok"]
+    info = json.loads(runner.invoke(app, ["store", "info", str(out), "--json"]).stdout)
     assert info["vocab_size"] == 49152 and info["id_dtype"] == "uint16" and info["top_k"] == 64
     assert info["n_sequences"] == 6
     assert set(info["supervised_tokens_by_source"]) == {"original", "teacher_greedy"}
@@ -46,3 +46,25 @@ def test_precompute_on_smollm2_with_greedy_augmentation(smollm2, dolly, tmp_path
     greedy = store.sequence(1)
     assert greedy.row["source"] == "teacher_greedy"
     assert (greedy.labels.ids[:, 0] == greedy.targets).all()  # greedy tokens are the teacher's top-1
+
+
+def test_distill_smollm2_from_its_own_store_then_generate(smollm2, dolly, tmp_path):
+    """Self-distillation on the real model: precompute, train a few steps, load and generate."""
+    store, run_dir = tmp_path / "store", tmp_path / "kd"
+    r = runner.invoke(app, ["precompute", "teacher", "--model", "smollm2-135m-instruct", "--dataset", str(dolly),
+                            "--limit", "4", "--top-k", "16", "--max-length", "256", "--out", str(store)])
+    assert r.exit_code == 0, r.output + r.stderr
+    r = runner.invoke(app, ["distill", "student", "--model", "smollm2-135m-instruct", "--store", str(store),
+                            "--out", str(run_dir), "--alpha", "0.1", "--max-steps", "2", "--batch-size", "1",
+                            "--lr", "1e-5", "--json"])
+    assert r.exit_code == 0, r.output + r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 2 and summary["last"]["kd"] > 0
+    tok = AutoTokenizer.from_pretrained(run_dir)
+    model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(smollm2)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0, prompt["input_ids"].shape[1] :])

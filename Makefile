@@ -31,6 +31,7 @@ demo: model
 bench: model
 	$(BIN)/python benchmarks/storage.py
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/distill.py
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -184,6 +184,9 @@ def distill_student(
         print(json.dumps(summary, indent=2))
         return
     last = summary["last"]
+    if not last:
+        out.print(f"nothing to do: {cfg.out} already reached step {summary['steps']}", highlight=False)
+        return
     out.print(f"[bold green]trained[/] {summary['steps']} steps, {summary['supervised_tokens']:,} supervised tokens "
               f"in {summary['seconds']:.1f} s; last loss {last.get('loss', float('nan')):.4f} "
               f"(ce {last.get('ce', float('nan')):.4f}, kd {last.get('kd', float('nan')):.4f}); "

@@ -15,8 +15,6 @@ On the embedded SmolLM2-135M-Instruct (student, and teacher of its own store):
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
 import subprocess
 import sys

@@ -164,7 +164,7 @@ def test_bad_options_are_refused_before_training(tiny_model, store, tmp_path):
                    "--freeze 'wings'"):
         assert needle in message, message
     with pytest.raises(SmoothkdError, match="has no train sequences from sources"):
-        SoftLabelStore(str(store)) and StoreDataset(SoftLabelStore(str(store)), ["nothing"])
+        StoreDataset(SoftLabelStore(str(store)), ["nothing"])
     assert not (tmp_path / "r").exists()
 
 

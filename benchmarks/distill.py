@@ -51,7 +51,9 @@ def online_batch(teacher, batch: Batch, k: int) -> Batch:
     with torch.inference_mode():
         logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         lab = topk_labels(logits[batch.supervised], batch.targets, k)
-    t = TeacherTopK(torch.from_numpy(lab.ids), torch.from_numpy(lab.logprobs), torch.from_numpy(lab.tail))
+    dev = batch.input_ids.device
+    t = TeacherTopK(torch.from_numpy(lab.ids).to(dev), torch.from_numpy(lab.logprobs).to(dev),
+                    torch.from_numpy(lab.tail).to(dev))
     return Batch(batch.seqs, batch.input_ids, batch.attention_mask, batch.supervised, batch.targets, t)
 
 

@@ -60,6 +60,20 @@ def test_loss_goes_down_on_a_fixed_batch(tiny_model, store):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+def test_batches_align_student_positions_with_the_stored_teacher_rows(tiny_model, store):
+    """The tiny model is the teacher of its own store: at step 0 its log-probs at the supervised
+    positions, gathered at the stored ids, are the stored log-probs."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    data = StoreDataset(SoftLabelStore(str(store)), ["original", "teacher_greedy"])
+    batch = data.load(data.batches(0, 0, 4)[0])
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logp = torch.log_softmax(logits[batch.supervised], -1)  # [n, V]
+    assert logp.shape[0] == batch.targets.numel() == batch.teacher.ids.shape[0]
+    assert torch.allclose(logp.gather(-1, batch.teacher.ids), batch.teacher.logprobs, atol=1 / 128 + 1e-4)
+    assert (logp.argmax(-1) == batch.teacher.ids[:, 0]).float().mean() > 0.99
+
+
 def test_logits_at_supervised_positions_only_give_the_same_loss(tiny_model, store):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     data = StoreDataset(SoftLabelStore(str(store)), ["original", "teacher_greedy"])
@@ -108,6 +122,9 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_model, sto
     monkeypatch.setattr(trainer, "loss_step", real)
     with pytest.raises(SmoothkdError, match="pass --resume"):
         run(cfg(tiny_model, store, tmp_path / "cut", max_steps=6, save_every=2, grad_accum=2), show_progress=False)
+    with pytest.raises(SmoothkdError, match=r"seed: 0 -> 1"):
+        run(cfg(tiny_model, store, tmp_path / "cut", max_steps=6, save_every=2, grad_accum=2, resume=True, seed=1),
+            show_progress=False)
     run(cfg(tiny_model, store, tmp_path / "cut", max_steps=6, save_every=2, grad_accum=2, resume=True),
         show_progress=False)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
@@ -136,6 +153,26 @@ def test_freeze_keeps_named_groups_fixed(tiny_model, store, tmp_path):
     for k in after:  # the tiny model ties lm_head to the embeddings: freezing one freezes both
         frozen = "embed_tokens" in k or k == "lm_head.weight" or "layers.0." in k
         assert torch.equal(before[k], after[k]) == frozen, k
+
+
+def test_freeze_lm_head_of_a_tied_model_and_freeze_with_lora_is_refused(tiny_model, store, tmp_path):
+    run(cfg(tiny_model, store, tmp_path / "r", freeze=["lm_head"]), show_progress=False)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "r").state_dict()
+    assert torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    with pytest.raises(SmoothkdError, match="--freeze has no effect with --lora"):
+        run(cfg(tiny_model, store, tmp_path / "r2", freeze=["attn"], lora=True), show_progress=False)
+
+
+def test_incomplete_store_is_refused(tiny_model, store, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(store, partial)
+    (partial / "parts" / "part-000001" / "commit.json").unlink()
+    with pytest.raises(SmoothkdError, match="is incomplete"):
+        run(cfg(tiny_model, partial, tmp_path / "r"), show_progress=False)
+    run(cfg(tiny_model, partial, tmp_path / "r", allow_incomplete_store=True), show_progress=False)
 
 
 def test_lora_saves_an_adapter_and_a_merged_model(tiny_model, store, tmp_path):
@@ -168,19 +205,23 @@ def test_bad_options_are_refused_before_training(tiny_model, store, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_two_processes_read_disjoint_slices_that_cover_the_epoch(tiny_model, store, tmp_path):
-    """torch.distributed on the CPU (gloo), 2 processes under torchrun."""
+def test_two_processes_read_disjoint_slices_that_cover_each_epoch(tiny_model, store, tmp_path):
+    """torch.distributed on the CPU (gloo), 2 processes under torchrun, an odd number of
+    sequences (one rank has a batch fewer) and two epochs."""
+    data = StoreDataset(SoftLabelStore(str(store)), ["original"])
+    assert len(data) % 2 == 1  # so the ranks' batch counts differ
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "smoothkd.cli", "distill", "student", "--model", str(tiny_model), "--store", str(store),
-           "--out", str(out), "--batch-size", "2", "--epochs", "1", "--sources", "original,teacher_greedy",
+           "--out", str(out), "--batch-size", "1", "--epochs", "2", "--sources", "original",
            "--lr", "1e-3", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0 = [q for r in log(out) for q in r["seqs"]]
-    rank1 = [q for r in log(out, "log-rank1.jsonl") for q in r["seqs"]]
-    data = StoreDataset(SoftLabelStore(str(store)), ["original", "teacher_greedy"])
-    assert rank0 and rank1 and not set(rank0) & set(rank1)
-    assert sorted(rank0 + rank1) == sorted(int(q) for q in data.seq)
+    logs = [log(out), log(out, "log-rank1.jsonl")]
+    assert [len(x) for x in logs] == [len(logs[0])] * 2  # every rank takes the same steps
+    for epoch in (0, 1):
+        seen = [[q for r in x if r["epoch"] == epoch for q in r["seqs"]] for x in logs]
+        assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+        assert sorted(seen[0] + seen[1]) == sorted(int(q) for q in data.seq)
     AutoModelForCausalLM.from_pretrained(out)  # rank 0 saved a loadable checkpoint

@@ -67,6 +67,8 @@ class DistillConfig:
         for group in self.freeze:
             if group not in FREEZE_GROUPS and not _layer_range(group):
                 problems.append(f"--freeze {group!r}: not one of {', '.join(FREEZE_GROUPS)} or layers:A-B")
+        if self.lora and self.freeze:
+            problems.append("--freeze has no effect with --lora (only the adapters train); use one or the other")
         if problems:
             raise SmoothkdError("invalid options:\n  " + "\n  ".join(problems))
 

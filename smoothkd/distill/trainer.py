@@ -3,12 +3,12 @@
 The step (`loss_step`) is pure; data order, logging, checkpoints and distribution live in
 `run`. Multi-process runs use torch.distributed (`torchrun --nproc_per_node N -m
 smoothkd.cli distill student ...` or `accelerate launch`): each rank reads its own slice of
-the store, DDP averages gradients, and Join lets ranks with one batch fewer finish.
+the store, DDP averages gradients, and a rank with one batch fewer pads its epoch with a
+zero-weight micro-batch, so that every rank takes the same steps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.algorithms.join import Join
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from smoothkd import __version__
@@ -37,7 +36,8 @@ LOG_FILE = "log.jsonl"
 CHECKPOINT = "checkpoint"
 
 
-def loss_step(model: Any, batch: Batch, cfg: DistillConfig, n_step_tokens: int, keep_positions: bool) -> tuple[torch.Tensor, dict[str, float]]:
+def loss_step(model: Any, batch: Batch, cfg: DistillConfig, n_step_tokens: float,
+              keep_positions: bool) -> tuple[torch.Tensor, dict[str, float]]:
     """L = (CE(hard) + alpha * KD) summed over the batch's supervised tokens / the step's count."""
     kwargs = {}
     supervised = batch.supervised  # [b, L]
@@ -61,12 +61,12 @@ def _freeze(model: Any, groups: list[str]) -> None:
     for group in groups:
         layers = _layer_range(group)
         keys = tuple(f"layers.{i}." for i in layers) if layers else patterns[group]
-        hit = [n for n, p in model.named_parameters() if any(k in n for k in keys)]
+        # remove_duplicate=False: a tied lm_head.weight is listed under its own name too
+        hit = [p for n, p in model.named_parameters(remove_duplicate=False) if any(k in n for k in keys)]
         if not hit:
             raise SmoothkdError(f"--freeze {group}: no parameter of this model matches {keys}")
-        for name, p in model.named_parameters():
-            if name in hit:
-                p.requires_grad_(False)
+        for p in hit:
+            p.requires_grad_(False)
 
 
 def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
@@ -95,8 +95,16 @@ def _save_checkpoint(out: Path, model: Any, opt: Any, sched: Any, state: dict[st
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(out: Path, model: Any, opt: Any, sched: Any) -> dict[str, Any]:
-    blob = torch.load(out / CHECKPOINT / "state.pt", map_location="cpu", weights_only=False)
+def _latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint to resume from; `.old` when a save was killed between its two renames."""
+    for path in (out / CHECKPOINT, out / f"{CHECKPOINT}.old"):
+        if (path / "trainer_state.json").exists():
+            return path
+    return None
+
+
+def _load_checkpoint(path: Path, model: Any, opt: Any, sched: Any) -> dict[str, Any]:
+    blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in blob["params"].items():
@@ -104,7 +112,7 @@ def _load_checkpoint(out: Path, model: Any, opt: Any, sched: Any) -> dict[str, A
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng"])
-    return json.loads((out / CHECKPOINT / "trainer_state.json").read_text())
+    return json.loads((path / "trainer_state.json").read_text())
 
 
 def _store_identity(store: SoftLabelStore) -> dict[str, Any]:
@@ -113,23 +121,37 @@ def _store_identity(store: SoftLabelStore) -> dict[str, Any]:
             "tokenizer": m.tokenizer, "dataset": m.dataset, "created": m.created}
 
 
-def _distributed() -> tuple[int, int]:
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under torchrun / accelerate launch; (0, 1, 0) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return (torch.distributed.get_rank() if world > 1 else 0), world
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world, local
+
+
+# What a resumed run must share with the run it continues (else its data order, schedule or
+# trained parameters would not be those of one run).
+_RESUME_KEYS = ("store", "model", "alpha", "loss", "temperature", "lr", "warmup_steps", "weight_decay",
+                "max_grad_norm", "batch_size", "grad_accum", "epochs", "max_steps", "sources", "seed", "lora",
+                "lora_rank", "freeze")
+
+
+def _run_identity(cfg: DistillConfig, world: int) -> dict[str, Any]:
+    return {**{k: getattr(cfg, k) for k in _RESUME_KEYS}, "world_size": world}
 
 
 def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     cfg.validate(tuple(LOSSES))
-    rank, world = _distributed()
+    rank, world, local_rank = _distributed()
     out = Path(cfg.out)
     store = SoftLabelStore(cfg.store)
     if store.missing_parts and not cfg.allow_incomplete_store:
         raise SmoothkdError(f"{cfg.store} is incomplete ({len(store.missing_parts)} of {store.expected_parts} parts "
                             "missing); finish the precompute run, or pass --allow-incomplete-store")
-    if (out / RUN_FILE).exists() or (out / CHECKPOINT).exists():
+    if (out / RUN_FILE).exists() or _latest_checkpoint(out) is not None:
         if not cfg.resume:
             raise SmoothkdError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     location = resolve(cfg.model)
@@ -140,7 +162,10 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
                             f"(fingerprint {have[:12]} vs {want[:12]}); soft labels are per token id, so the student "
                             "must share the teacher's tokenizer")
     torch.manual_seed(cfg.seed)
-    model = load_causal_lm(location, dtype=cfg.dtype, device=cfg.device)
+    device_name = cfg.device
+    if world > 1 and device_name == "auto" and torch.cuda.is_available():
+        device_name = f"cuda:{local_rank}"  # one GPU per process
+    model = load_causal_lm(location, dtype=cfg.dtype, device=device_name)
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab < store.manifest.vocab_size:
         raise SmoothkdError(f"the student's vocabulary ({vocab}) is smaller than the store's ({store.manifest.vocab_size})")
@@ -154,7 +179,11 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = StoreDataset(store, list(cfg.sources), pad_id=int(pad or 0))
-    rank0_batches = len(data.batches(0, cfg.seed, cfg.batch_size, 0, world))  # the most any rank has
+    # Rank 0 has the most batches; a rank with one fewer pads its epoch with a zero-weight
+    # micro-batch, so that every rank takes the same steps and DDP's all-reduces pair up.
+    rank0_batches = len(data.batches(0, cfg.seed, cfg.batch_size, 0, world))
+    if len(data) < world:
+        raise SmoothkdError(f"{len(data)} sequences cannot be spread over {world} processes")
     steps_per_epoch = math.ceil(rank0_batches / cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
 
@@ -163,13 +192,19 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
         raise SmoothkdError("--freeze left no parameter to train")
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_steps))
-    state = {"step": 0, "epoch": 0, "batches_done": 0}
-    if cfg.resume and (out / CHECKPOINT).exists():
-        state = _load_checkpoint(out, model, opt, sched)
+    identity = _run_identity(cfg, world)
+    state = {"step": 0, "epoch": 0, "batches_done": 0, "run": identity}
+    checkpoint = _latest_checkpoint(out)
+    if cfg.resume and checkpoint is not None:
+        state = _load_checkpoint(checkpoint, model, opt, sched)
+        changed = [f"{k}: {state['run'].get(k)!r} -> {v!r}" for k, v in identity.items() if state["run"].get(k) != v]
+        if changed:
+            raise SmoothkdError(f"--resume with options that differ from the run in {out}:\n  " + "\n  ".join(changed))
         log(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
     train_model = model
     if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
+        device_ids = [device.index] if device.type == "cuda" else None
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / (LOG_FILE if rank == 0 else f"log-rank{rank}.jsonl")
     # The log holds exactly the steps the weights have seen: steps logged after the checkpoint
@@ -181,30 +216,42 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
     progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress or rank != 0)
     started, tokens_seen, last = time.perf_counter(), 0, {}
-    join = Join([train_model]) if world > 1 else contextlib.nullcontext()
     model.train()
-    with progress, join, open(log_path, "a") as log_file:
+    ran = False
+    with progress, open(log_path, "a") as log_file:
         task = progress.add_task("distill", total=total, completed=state["step"], info="")
         while state["step"] < total:
-            batches = data.batches(state["epoch"], cfg.seed, cfg.batch_size, rank, world)[state["batches_done"] :]
+            mine = data.batches(state["epoch"], cfg.seed, cfg.batch_size, rank, world)
+            padded = [(b, 1.0) for b in mine] + [(mine[-1], 0.0)] * (rank0_batches - len(mine))
+            batches = padded[state["batches_done"] :]
             for start in range(0, len(batches), cfg.grad_accum):
                 t0 = time.perf_counter()
-                micro = [data.load(b).to(device) for b in batches[start : start + cfg.grad_accum]]
-                n_tok = sum(b.n_supervised for b in micro)
+                micro = [(data.load(b).to(device), w) for b, w in batches[start : start + cfg.grad_accum]]
+                n_tok = sum(b.n_supervised for b, w in micro if w)
+                # DDP averages gradients over ranks: scale by world / global count, so the step's
+                # gradient is that of the token mean over every rank's supervised tokens.
+                n_global = torch.tensor(float(n_tok))
+                if world > 1:
+                    n_global = n_global.to(device)
+                    torch.distributed.all_reduce(n_global)
+                denom = float(n_global) / world
                 sums = {"ce": 0.0, "kd": 0.0, "loss": 0.0}
-                for b in micro:
-                    loss, stats = loss_step(train_model, b, cfg, n_tok, keep_positions)
-                    loss.backward()
-                    sums["loss"] += loss.item()
-                    for k in ("ce", "kd"):
-                        sums[k] += stats[k] * b.n_supervised / n_tok
+                for b, w in micro:
+                    loss, stats = loss_step(train_model, b, cfg, denom, keep_positions)
+                    (loss * w).backward()
+                    if w:
+                        sums["loss"] += loss.item() * denom / max(n_tok, 1)
+                        for k in ("ce", "kd"):
+                            sums[k] += stats[k] * b.n_supervised / max(n_tok, 1)
+                n_micro, micro = len(micro), [b for b, w in micro if w]
+                ran = True
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 state["step"] += 1
-                state["batches_done"] += len(micro)
+                state["batches_done"] += n_micro
                 tokens_seen += n_tok
                 last = {"step": state["step"], "epoch": state["epoch"], **sums, "lr": sched.get_last_lr()[0],
                         "supervised_tokens": n_tok,
@@ -224,7 +271,7 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
     seconds = time.perf_counter() - started
     summary = {"steps": state["step"], "epochs_started": state["epoch"] + 1, "seconds": seconds,
                "supervised_tokens": tokens_seen, "last": {k: v for k, v in last.items() if k != "seqs"}}
-    if rank == 0:
+    if rank == 0 and (ran or not (out / RUN_FILE).exists()):  # a finished run resumed keeps its record
         _save_final(out, model, tokenizer, cfg, store, summary)
     if world > 1:
         torch.distributed.barrier()

@@ -20,7 +20,8 @@ app = typer.Typer(help="Offline soft-label knowledge distillation for LLM fine-t
                   pretty_exceptions_enable=False)
 precompute_app = typer.Typer(help="Stage one: run a teacher once and write a soft-label store.", no_args_is_help=True)
 distill_app = typer.Typer(help="Stage two: train a student from a store, no live teacher.", no_args_is_help=True)
-evaluate_app = typer.Typer(help="Evaluate checkpoints: faithfulness, calibration, general tasks (not in this release yet).")
+evaluate_app = typer.Typer(help="Evaluate checkpoints: summarization faithfulness, calibration, general tasks, reports.",
+                           no_args_is_help=True)
 store_app = typer.Typer(help="Inspect and check soft-label stores.", no_args_is_help=True)
 models_app = typer.Typer(help="Embedded default models.", no_args_is_help=True)
 app.add_typer(precompute_app, name="precompute")
@@ -191,6 +192,176 @@ def distill_student(
               f"in {summary['seconds']:.1f} s; last loss {last.get('loss', float('nan')):.4f} "
               f"(ce {last.get('ce', float('nan')):.4f}, kd {last.get('kd', float('nan')):.4f}); "
               f"checkpoint in {cfg.out}", highlight=False)
+
+
+def _eval_dir(model: str, kind: str, out_dir: Optional[Path]) -> Path:
+    """--out, or <model>/evals/<kind> when the model is a local directory (a run, a checkpoint)."""
+    if out_dir is not None:
+        return out_dir
+    if Path(model).is_dir():
+        return Path(model) / "evals" / kind
+    raise SmoothkdError(f"--out is required when --model {model} is not a local directory")
+
+
+def _write_eval(out_dir: Path, kind: str, model: str, result: dict[str, Any]) -> None:
+    """metrics.json (everything but the examples) and examples.jsonl (one line per example)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    examples = result.pop("examples", [])
+    with open(out_dir / "examples.jsonl", "w") as f:
+        for e in examples:
+            f.write(json.dumps(e) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps({"kind": kind, "model": model, **result}, indent=2))
+
+
+def _print_metrics(title: str, metrics: dict[str, Any], notes: list[str], out_dir: Path) -> None:
+    t = Table(title=title, show_header=False)
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            v = "  ".join(f"{kk}={vv:.4f}" if isinstance(vv, float) else f"{kk}={vv}" for kk, vv in v.items())
+        elif isinstance(v, float):
+            v = f"{v:.4f}"
+        t.add_row(k, "not computed" if v is None else str(v))
+    out.print(t, highlight=False)
+    for n in notes:
+        out.print(f"note: {n}", highlight=False)
+    out.print(f"written to {out_dir}/metrics.json and examples.jsonl", highlight=False)
+
+
+def _progress(total: int, label: str) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err)
+
+
+@evaluate_app.command("summarization")
+@friendly
+def evaluate_summarization(
+    model: str = typer.Option("smollm2-135m-instruct", help="A distill run directory, a checkpoint, or an embedded model."),
+    dataset: Path = typer.Option(..., help="JSONL of articles: `document` or `article`, optional `summary`/`highlights`."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write (default: <model>/evals/summarization)."),
+    limit: Optional[int] = typer.Option(None, help="First N articles only."),
+    max_new_tokens: int = typer.Option(128, help="Longest summary."),
+    batch_size: int = typer.Option(4, help="Articles per generation batch."),
+    max_prompt_tokens: int = typer.Option(1536, help="Articles are cut to fit this many prompt tokens."),
+    instruction: str = typer.Option("Summarize the following article in one sentence.", help="The instruction before the article."),
+    fc_model: Optional[str] = typer.Option(None, help="Local copy of Vectara's HHEM, for factual consistency."),
+    lookback: bool = typer.Option(True, help="Compute the lookback ratio of every summary."),
+) -> None:
+    """Greedy summaries, scored for ROUGE-L, unsupported entities/numbers, lookback ratio (and HHEM)."""
+    from smoothkd.evaluate.summarization import evaluate_summarization as run, load_articles
+    from smoothkd.models import load_causal_lm, load_tokenizer, resolve
+
+    articles = load_articles(str(dataset), limit)
+    target = _eval_dir(model, "summarization", out_dir)
+    _quiet_transformers()
+    location = resolve(model)
+    tok = load_tokenizer(location)
+    lm = load_causal_lm(location, attn_implementation="eager" if lookback else None)
+    with _progress(len(articles), "summarizing") as p:
+        task = p.add_task("", total=len(articles))
+        result = run(lm, tok, articles, max_new_tokens=max_new_tokens, batch_size=batch_size, instruction=instruction,
+                     max_prompt_tokens=max_prompt_tokens, fc_model=fc_model, lookback=lookback,
+                     progress=lambda n: p.advance(task, n))
+    result["dataset"] = str(dataset)
+    _write_eval(target, "summarization", model, result)
+    _print_metrics(f"summarization, {dataset.name}", result["metrics"], result["notes"], target)
+
+
+@evaluate_app.command("faithfulness")
+@friendly
+def evaluate_faithfulness(
+    pairs: Path = typer.Option(..., help="JSONL of objects with `article` and `summary` (other fields are carried)."),
+    out_dir: Path = typer.Option(..., "--out", help="Where to write metrics.json and examples.jsonl."),
+) -> None:
+    """Score given (article, summary) pairs, no generation: one line per pair, in input order."""
+    import numpy as np
+
+    from smoothkd.evaluate.faithfulness import score_pair
+    from smoothkd.errors import InputError
+
+    rows = []
+    for lineno, line in enumerate(pairs.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{pairs}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+        for f in ("article", "summary"):
+            if not isinstance(row.get(f), str):
+                raise InputError(f"{pairs}:{lineno}: missing string field {f!r}")
+        rows.append({**row, **score_pair(row["article"], row["summary"], row.get("reference"))})
+    if not rows:
+        raise InputError(f"{pairs}: no pairs")
+    rates = [r["unsupported_rate"] for r in rows if r["unsupported_rate"] is not None]
+    metrics = {"n": len(rows), "unsupported_rate": float(np.mean(rates)) if rates else None,
+               "rouge_l_article": float(np.mean([r["rouge_l_article"] for r in rows]))}
+    result = {"metrics": metrics, "examples": rows, "notes": [], "pairs": str(pairs)}
+    _write_eval(out_dir, "faithfulness", "", result)
+    _print_metrics(f"faithfulness, {pairs.name}", metrics, [], out_dir)
+
+
+@evaluate_app.command("general")
+@friendly
+def evaluate_general(
+    model: str = typer.Option("smollm2-135m-instruct", help="A distill run directory, a checkpoint, or an embedded model."),
+    tasks: str = typer.Option("arc_challenge,arc_easy,hellaswag,openbookqa", help="Comma-separated tasks."),
+    data_dir: Path = typer.Option(..., help="Folder with the tasks' JSONL files (the repo ships samples in data/general)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write (default: <model>/evals/general)."),
+    limit: Optional[int] = typer.Option(None, help="First N items of each task."),
+    batch_size: int = typer.Option(8, help="Sequences per forward pass."),
+) -> None:
+    """Multiple-choice accuracy (acc, acc_norm as lm-evaluation-harness defines them) by log-likelihood."""
+    from smoothkd.evaluate.general import evaluate_general as run
+    from smoothkd.models import load_causal_lm, load_tokenizer, resolve
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    target = _eval_dir(model, "general", out_dir)
+    _quiet_transformers()
+    location = resolve(model)
+    tok, lm = load_tokenizer(location), load_causal_lm(location)
+    result = run(lm, tok, names, data_dir, limit=limit, batch_size=batch_size)
+    per_task = result["tasks"]
+    metrics: dict[str, Any] = dict(per_task)
+    metrics["mean_acc_norm"] = sum(t["acc_norm"] for t in per_task.values()) / len(per_task)
+    _write_eval(target, "general", model, {"metrics": metrics, "examples": result["examples"], "notes": []})
+    _print_metrics("general tasks", metrics, [], target)
+
+
+@evaluate_app.command("calibration")
+@friendly
+def evaluate_calibration(
+    model: str = typer.Option("smollm2-135m-instruct", help="A distill run directory, a checkpoint, or an embedded model."),
+    store: str = typer.Option(..., help="The soft-label store whose held-out records to predict."),
+    split: str = typer.Option("heldout", help="Store split to evaluate on."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where to write (default: <model>/evals/calibration)."),
+    batch_size: int = typer.Option(4, help="Sequences per forward pass."),
+) -> None:
+    """NLL, entropy, accuracy and expected calibration error (15 bins) of next-token predictions."""
+    from smoothkd.evaluate.calibration import evaluate_calibration as run
+    from smoothkd.models import load_causal_lm, resolve
+
+    target = _eval_dir(model, "calibration", out_dir)
+    _quiet_transformers()
+    lm = load_causal_lm(resolve(model))
+    result = run(lm, store, split=split, batch_size=batch_size)
+    _write_eval(target, "calibration", model, {**result, "notes": []})
+    _print_metrics(f"calibration, {split} split of {store}", result["metrics"], [], target)
+
+
+@evaluate_app.command("compare")
+@friendly
+def evaluate_compare(
+    runs: list[Path] = typer.Argument(..., help="Run directories (with evals/) or evaluation directories."),
+    out_dir: Path = typer.Option(..., "--out", help="Report directory: report.md, report.html, plots, metrics.json."),
+) -> None:
+    """Group runs by config (alpha, loss, sources, temperature); mean +- std per metric; plots."""
+    from smoothkd.evaluate.compare import compare
+
+    summary = compare(runs, out_dir)
+    out.print(f"{len(summary['groups'])} groups, {len(summary['plots'])} plots: {out_dir}/report.md, "
+              f"{out_dir}/report.html", highlight=False)
 
 
 def _print_store_line(info: dict[str, Any]) -> None:

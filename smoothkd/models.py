@@ -164,7 +164,7 @@ def load_tokenizer(location: str) -> Any:
         raise SmoothkdError(f"cannot load a tokenizer from {location}: {e}") from e
 
 
-def load_causal_lm(location: str, dtype: str = "auto", device: str = "auto") -> Any:
+def load_causal_lm(location: str, dtype: str = "auto", device: str = "auto", attn_implementation: str | None = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -172,7 +172,8 @@ def load_causal_lm(location: str, dtype: str = "auto", device: str = "auto") -> 
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype), **extra)
     except (OSError, ValueError) as e:
         hint = "" if Path(location).exists() else (
             f" (not a local directory; offline, use a local checkpoint or an embedded model: {', '.join(EMBEDDED)})"

@@ -68,3 +68,19 @@ def test_distill_smollm2_from_its_own_store_then_generate(smollm2, dolly, tmp_pa
                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, prompt["input_ids"].shape[1] :])
+
+
+def test_summarize_two_xsum_articles_with_smollm2(smollm2, tmp_path):
+    from pathlib import Path
+
+    xsum = Path(__file__).resolve().parents[1] / "data" / "xsum" / "xsum_sample.jsonl"
+    r = runner.invoke(app, ["evaluate", "summarization", "--model", "smollm2-135m-instruct", "--dataset", str(xsum),
+                            "--limit", "2", "--max-new-tokens", "40", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output + r.stderr
+    examples = [json.loads(x) for x in (tmp_path / "ev" / "examples.jsonl").read_text().splitlines()]
+    assert len(examples) == 2
+    for e in examples:
+        assert len(e["summary"].split()) >= 3  # a real sentence, not an empty or degenerate output
+        assert 0 <= e["rouge_l_reference"] <= 1 and 0 < e["lookback_ratio"] <= 1
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
+    assert metrics["n"] == 2 and metrics["rouge_l"] > 0

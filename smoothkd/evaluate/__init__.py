@@ -1,0 +1,1 @@
+"""Offline evaluation of models and their outputs (faithfulness, calibration, general tasks)."""

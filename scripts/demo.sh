@@ -30,6 +30,7 @@ for alpha in 0 0.1; do
   smoothkd evaluate summarization --model "$run" --dataset data/xsum/xsum_sample.jsonl \
     --limit "${ARTICLES:-3}" --max-new-tokens 48
   smoothkd evaluate calibration --model "$run" --store "$OUT/store"
+  smoothkd evaluate general --model "$run" --data-dir data/general --limit "${ITEMS:-10}"
 done
 smoothkd evaluate compare "$OUT/runs/alpha-0" "$OUT/runs/alpha-0.1" --out "$OUT/report"
 echo

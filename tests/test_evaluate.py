@@ -110,7 +110,7 @@ def test_summarization_and_compare_report_from_two_runs(runs, tmp_path):
     r = runner.invoke(app, ["evaluate", "compare", str(sft), str(kd), "--out", str(report)])
     assert r.exit_code == 0, r.output + r.stderr
     md = (report / "report.md").read_text()
-    assert "alpha=0.0 topk_tail original" in md and "alpha=0.5 topk_tail original" in md
+    assert "alpha=0 (SFT) original" in md and "alpha=0.5 topk_tail original" in md
     assert "calibration.ece" in md and "summarization.rouge_l" in md
     for png in ("calibration_ece.png", "reliability.png", "lookback.png", "summarization_rouge_l.png"):
         assert (report / png).stat().st_size > 1000, png
@@ -129,3 +129,22 @@ def test_missing_optional_models_and_inputs_fail_clearly(tmp_path):
     bad.write_text('{"document": "x"}\n{"summary": "no article"}\n')
     r = runner.invoke(app, ["evaluate", "summarization", "--model", str(tmp_path), "--dataset", str(bad)])
     assert r.exit_code == 2 and "a.jsonl:2: no article text" in " ".join(r.stderr.split())
+
+
+def test_faithfulness_scores_given_pairs_in_order_and_carries_fields(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    article = "Barack Obama met 2,000 factory workers in Chicago on Tuesday."
+    rows = [{"article": article, "summary": "Obama met 2000 workers in Chicago.", "system": "a"},
+            {"article": article, "summary": "Obama met 3,000 workers in Boston.", "system": "b"},
+            {"article": article, "summary": "it was fine.", "system": "c"}]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = runner.invoke(app, ["evaluate", "faithfulness", "--pairs", str(pairs), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output + r.stderr
+    out = [json.loads(x) for x in (tmp_path / "o" / "examples.jsonl").read_text().splitlines()]
+    assert [o["system"] for o in out] == ["a", "b", "c"]
+    assert out[0]["unsupported_rate"] == 0 and out[1]["unsupported_rate"] > 0.5 and out[2]["unsupported_rate"] is None
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]
+    assert metrics["n"] == 3 and metrics["unsupported_rate"] == pytest.approx(out[1]["unsupported_rate"] / 2)
+    pairs.write_text('{"article": "x"}\n')
+    r = runner.invoke(app, ["evaluate", "faithfulness", "--pairs", str(pairs), "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "pairs.jsonl:1: missing string field 'summary'" in " ".join(r.stderr.split())

@@ -45,6 +45,8 @@ class Run:
             return f"{self.name} (not a distill run)"
         c = self.config
         sources = "+".join(c.get("sources", []))
+        if not c.get("alpha"):  # at alpha 0 the KD loss and temperature play no part
+            return f"alpha=0 (SFT) {sources}"
         return f"alpha={c.get('alpha')} {c.get('loss')} {sources} T={c.get('temperature')}"
 
     def flat(self) -> dict[str, float]:
@@ -93,7 +95,8 @@ def aggregate(runs: list[Run]) -> dict[str, dict[str, Any]]:
             vals = np.array([r.flat()[n] for r in members if n in r.flat()])
             metrics[n] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
                           "n": int(len(vals))}
-        out[g] = {"runs": [r.name for r in members], "alpha": members[0].config.get("alpha"), "metrics": metrics}
+        out[g] = {"runs": [r.name for r in members], "alpha": members[0].config.get("alpha"),
+                  "config": members[0].config, "metrics": metrics}
     return out
 
 
@@ -106,12 +109,21 @@ def _plots(runs: list[Run], groups: dict[str, dict[str, Any]], out: Path) -> lis
     made = []
     by_alpha = {g: v for g, v in groups.items() if v["alpha"] is not None}
     for name, label, lower_better in PLOTTED:
-        series = defaultdict(list)  # (loss, sources, T) -> [(alpha, mean, std)]
-        for g, v in by_alpha.items():
+        series = defaultdict(list)  # "loss sources T" -> [(alpha, mean, std)]
+        sft = {}  # sources -> the SFT point, which starts every KD curve on the same sources
+        for v in by_alpha.values():
             if name in v["metrics"]:
-                key = g.split(" ", 1)[1]
-                m = v["metrics"][name]
-                series[key].append((float(v["alpha"]), m["mean"], m["std"]))
+                c, m = v["config"], v["metrics"][name]
+                point = (float(v["alpha"]), m["mean"], m["std"])
+                sources = "+".join(c.get("sources") or [])
+                if point[0] == 0:
+                    sft[sources] = point
+                else:
+                    series[f"{c.get('loss')} {sources} T={c.get('temperature')}"].append(point)
+        for sources, point in sft.items():
+            keys = [k for k in series if k.split(" ")[1] == sources] or [f"SFT {sources}"]
+            for k in keys:
+                series[k].append(point)
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.4))
@@ -174,6 +186,8 @@ def _plots(runs: list[Run], groups: dict[str, dict[str, Any]], out: Path) -> lis
 def _fmt(m: dict[str, Any] | None) -> str:
     if m is None:
         return "-"
+    if m["std"] == 0 and float(m["mean"]).is_integer():  # counts
+        return f"{int(m['mean'])}"
     return f"{m['mean']:.4f} +- {m['std']:.4f}" if m["n"] > 1 else f"{m['mean']:.4f}"
 
 

@@ -247,6 +247,8 @@ def evaluate_summarization(
     instruction: str = typer.Option("Summarize the following article in one sentence.", help="The instruction before the article."),
     fc_model: Optional[str] = typer.Option(None, help="Local copy of Vectara's HHEM, for factual consistency."),
     lookback: bool = typer.Option(True, help="Compute the lookback ratio of every summary."),
+    lookback_classifier: Optional[str] = typer.Option(None, help="A classifier from `evaluate lookback-train` for this "
+                                                                 "model: adds the share of summaries it calls factual."),
 ) -> None:
     """Greedy summaries, scored for ROUGE-L, unsupported entities/numbers, lookback ratio (and HHEM)."""
     from smoothkd.evaluate.summarization import evaluate_summarization as run, load_articles
@@ -262,10 +264,37 @@ def evaluate_summarization(
         task = p.add_task("", total=len(articles))
         result = run(lm, tok, articles, max_new_tokens=max_new_tokens, batch_size=batch_size, instruction=instruction,
                      max_prompt_tokens=max_prompt_tokens, fc_model=fc_model, lookback=lookback,
-                     progress=lambda n: p.advance(task, n))
+                     lookback_classifier=lookback_classifier, progress=lambda n: p.advance(task, n))
     result["dataset"] = str(dataset)
     _write_eval(target, "summarization", model, result)
     _print_metrics(f"summarization, {dataset.name}", result["metrics"], result["notes"], target)
+
+
+@evaluate_app.command("lookback-train")
+@friendly
+def evaluate_lookback_train(
+    model: str = typer.Option("smollm2-135m-instruct", help="The model whose attention heads give the features."),
+    pairs: Path = typer.Option(..., help="JSONL with `article`, `summary` and `label` (1 = faithful, 0 = hallucinated)."),
+    out_file: Path = typer.Option(..., "--out", help="Classifier file to write (JSON)."),
+    instruction: str = typer.Option("Summarize the following article in one sentence.", help="As in `evaluate summarization`."),
+    max_prompt_tokens: int = typer.Option(1536, help="As in `evaluate summarization`."),
+) -> None:
+    """Train a Lookback Lens classifier (logistic regression on lookback ratios) for this model."""
+    from smoothkd.evaluate.lookback_classifier import train
+    from smoothkd.models import load_causal_lm, load_tokenizer, resolve
+
+    n = sum(1 for line in pairs.read_text().splitlines() if line.strip()) if pairs.is_file() else 0
+    if not n:
+        raise SmoothkdError(f"--pairs {pairs}: no such file, or empty")
+    _quiet_transformers()
+    location = resolve(model)
+    tok, lm = load_tokenizer(location), load_causal_lm(location, attn_implementation="eager")
+    with _progress(n, "features") as p:
+        task = p.add_task("", total=n)
+        clf = train(lm, tok, pairs, out_file, instruction, max_prompt_tokens, model,
+                    progress=lambda k: p.advance(task, k))
+    out.print(f"trained on {clf['n']} summaries ({clf['n_faithful']} faithful), {clf['n_features']} features; "
+              f"training AUC {clf['train_auc']:.3f}; written to {out_file}", highlight=False)
 
 
 @evaluate_app.command("faithfulness")

@@ -148,3 +148,73 @@ def test_faithfulness_scores_given_pairs_in_order_and_carries_fields(tmp_path):
     pairs.write_text('{"article": "x"}\n')
     r = runner.invoke(app, ["evaluate", "faithfulness", "--pairs", str(pairs), "--out", str(tmp_path / "o2")])
     assert r.exit_code == 2 and "pairs.jsonl:1: missing string field 'summary'" in " ".join(r.stderr.split())
+
+
+def test_logistic_fit_separates_and_matches_a_known_solution():
+    from smoothkd.evaluate.lookback_classifier import auc, fit_logistic
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3))
+    y = (x @ np.array([2.0, -1.0, 0.0]) + 0.3 > 0).astype(float)
+    w, b = fit_logistic(x, y, l2=1.0)
+    assert auc(x @ w + b, y) > 0.99
+    assert w[0] > 0 > w[1] and abs(w[2]) < 0.5 * abs(w[1])
+    # at the optimum the penalised gradient vanishes
+    p = 1 / (1 + np.exp(-(x @ w + b)))
+    assert np.abs(x.T @ (p - y) + w).max() < 1e-6 and abs((p - y).sum()) < 1e-6
+    assert auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+
+
+def test_lookback_classifier_trains_on_labelled_pairs_and_scores_summaries(tiny_model, tmp_path):
+    articles = [json.loads(x)["document"][:300] for x in XSUM.read_text().splitlines()[:6]]
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"article": a, "summary": a[:80], "label": 1} for a in articles[:3]]  # copied: faithful
+    rows += [{"article": a, "summary": "Aliens landed in Paris on 3 May 1850.", "label": 0} for a in articles[3:]]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    clf = tmp_path / "lens.json"
+    r = runner.invoke(app, ["evaluate", "lookback-train", "--model", str(tiny_model), "--pairs", str(pairs),
+                            "--out", str(clf), "--max-prompt-tokens", "400"])
+    assert r.exit_code == 0, r.output + r.stderr
+    saved = json.loads(clf.read_text())
+    assert saved["n"] == 6 and saved["n_features"] == 2 * 4 and saved["train_auc"] > 0.5
+    r = runner.invoke(app, ["evaluate", "summarization", "--model", str(tiny_model), "--dataset", str(XSUM),
+                            "--limit", "2", "--max-new-tokens", "6", "--max-prompt-tokens", "400",
+                            "--lookback-classifier", str(clf), "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output + r.stderr
+    ex = [json.loads(x) for x in (tmp_path / "ev" / "examples.jsonl").read_text().splitlines()]
+    assert all(0 <= e["lookback_factual_prob"] <= 1 for e in ex)
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
+    assert m["lookback_factual_rate"] == np.mean([e["lookback_factual_prob"] > 0.5 for e in ex])
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({**saved, "n_features": 99}))
+    r = runner.invoke(app, ["evaluate", "summarization", "--model", str(tiny_model), "--dataset", str(XSUM),
+                            "--limit", "1", "--lookback-classifier", str(wrong), "--out", str(tmp_path / "e2")])
+    assert r.exit_code == 2 and "trained on 99 features" in " ".join(r.stderr.split())
+
+
+def test_compare_groups_seeds_of_one_config_and_keeps_other_dirs_apart(tmp_path):
+    from smoothkd.evaluate.compare import compare
+
+    def fake_run(name: str, alpha: float, seed: int, ece: float, sources=("original",)) -> Path:
+        d = tmp_path / name
+        (d / "evals" / "calibration").mkdir(parents=True)
+        config = {"alpha": alpha, "loss": "topk_tail", "sources": list(sources), "temperature": 1.0, "seed": seed}
+        (d / "smoothkd_run.json").write_text(json.dumps({"config": config}))
+        bins = [{"lo": 0, "hi": 1, "count": 1, "accuracy": 0.5, "confidence": 0.6}]
+        (d / "evals" / "calibration" / "metrics.json").write_text(
+            json.dumps({"kind": "calibration", "metrics": {"ece": ece, "n_tokens": 10}, "reliability": bins}))
+        return d
+
+    paths = [fake_run("kd-s0", 0.1, 0, 0.10), fake_run("kd-s1", 0.1, 1, 0.20, ("teacher_greedy", "original")),
+             fake_run("kd2-s0", 0.1, 0, 0.30, ("original", "teacher_greedy")), fake_run("sft", 0.0, 0, 0.40)]
+    summary = compare(paths, tmp_path / "report")
+    groups = summary["groups"]
+    assert set(groups) == {"alpha=0.1 topk_tail original T=1.0", "alpha=0.1 topk_tail original+teacher_greedy T=1.0",
+                           "alpha=0 (SFT) original"}
+    mixed = groups["alpha=0.1 topk_tail original+teacher_greedy T=1.0"]  # source order does not matter
+    assert sorted(mixed["runs"]) == ["kd-s1", "kd2-s0"]
+    assert mixed["metrics"]["calibration.ece"]["mean"] == pytest.approx(0.25)
+    assert mixed["metrics"]["calibration.ece"]["std"] == pytest.approx(np.std([0.2, 0.3], ddof=1))
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "0.2500 +- 0.0707" in md
+    assert "| calibration.n_tokens | 10 | 10 | 10 |" in md

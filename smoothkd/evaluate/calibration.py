@@ -50,7 +50,7 @@ def token_statistics(model: Any, data: StoreDataset, batch_size: int = 4,
             logp = torch.log_softmax(logits[batch.supervised].float(), dim=-1)  # [n, V]
             conf, pred = logp.max(dim=-1)
             out["nll"].append((-logp.gather(-1, batch.targets[:, None])[:, 0]).cpu().numpy())
-            out["entropy"].append((-(logp.exp() * logp).sum(-1)).cpu().numpy())
+            out["entropy"].append(torch.special.entr(logp.exp()).sum(-1).cpu().numpy())  # 0 log 0 = 0
             out["confidence"].append(conf.exp().cpu().numpy())
             out["correct"].append((pred == batch.targets).cpu().numpy())
         if progress:

@@ -1,8 +1,9 @@
 """`smoothkd evaluate compare`: runs grouped by their config, mean +- std per metric, plots.
 
 A run is a `distill` run directory (its evaluations under `evals/<kind>/metrics.json`) or
-any evaluation directory holding a `metrics.json`. Runs that differ only in seed, learning
-rate or batch size form one group, as the paper reports them.
+any evaluation directory holding a `metrics.json`. Runs are grouped by (alpha, loss,
+sources, temperature) only, so that seeds, learning rates and batch sizes of one config
+form a group as in the paper's tables; compare runs of one student and one store at a time.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ class Run:
     @property
     def group(self) -> str:
         if not self.config:
-            return f"{self.name} (not a distill run)"
+            return f"{self.path} (not a distill run)"
         c = self.config
-        sources = "+".join(c.get("sources", []))
+        sources = "+".join(sorted(c.get("sources") or []))
         if not c.get("alpha"):  # at alpha 0 the KD loss and temperature play no part
             return f"alpha=0 (SFT) {sources}"
         return f"alpha={c.get('alpha')} {c.get('loss')} {sources} T={c.get('temperature')}"
@@ -115,7 +116,7 @@ def _plots(runs: list[Run], groups: dict[str, dict[str, Any]], out: Path) -> lis
             if name in v["metrics"]:
                 c, m = v["config"], v["metrics"][name]
                 point = (float(v["alpha"]), m["mean"], m["std"])
-                sources = "+".join(c.get("sources") or [])
+                sources = "+".join(sorted(c.get("sources") or []))
                 if point[0] == 0:
                     sft[sources] = point
                 else:
@@ -183,10 +184,15 @@ def _plots(runs: list[Run], groups: dict[str, dict[str, Any]], out: Path) -> lis
     return made
 
 
-def _fmt(m: dict[str, Any] | None) -> str:
+def _is_count(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf == "n" or leaf.startswith("n_")
+
+
+def _fmt(m: dict[str, Any] | None, name: str) -> str:
     if m is None:
         return "-"
-    if m["std"] == 0 and float(m["mean"]).is_integer():  # counts
+    if _is_count(name) and m["std"] == 0:
         return f"{int(m['mean'])}"
     return f"{m['mean']:.4f} +- {m['std']:.4f}" if m["n"] > 1 else f"{m['mean']:.4f}"
 
@@ -204,14 +210,14 @@ def compare(paths: list[Path], out: Path) -> dict[str, Any]:
     md += ["| metric | " + " | ".join(f"{g} (n={len(groups[g]['runs'])})" for g in order) + " |",
            "|---|" + "---|" * len(order)]
     for n in names:
-        md.append(f"| {n} | " + " | ".join(_fmt(groups[g]["metrics"].get(n)) for g in order) + " |")
+        md.append(f"| {n} | " + " | ".join(_fmt(groups[g]["metrics"].get(n), n) for g in order) + " |")
     md += ["", "Runs per group:", ""] + [f"- {g}: {', '.join(groups[g]['runs'])}" for g in order]
     if notes:
         md += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     md += [""] + [f"![{cap}]({file})\n\n{cap}\n" for file, cap in plots]
     (out / "report.md").write_text("\n".join(md) + "\n")
 
-    rows = "".join(f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{_fmt(groups[g]['metrics'].get(n))}</td>"
+    rows = "".join(f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{_fmt(groups[g]['metrics'].get(n), n)}</td>"
                                                                 for g in order) + "</tr>" for n in names)
     head = "".join(f"<th>{html.escape(g)} (n={len(groups[g]['runs'])})</th>" for g in order)
     imgs = "".join(f"<figure><img src='{f}'><figcaption>{html.escape(c)}</figcaption></figure>" for f, c in plots)

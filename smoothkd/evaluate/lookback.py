@@ -36,3 +36,12 @@ def lookback_ratios(model: Any, prompt_ids: list[int], generated_ids: list[int])
     new = torch.stack([att[j, :, :, n_ctx : n_ctx + j].mean(-1) if j else torch.zeros_like(ctx[0])
                        for j in range(n_gen)])  # generated tokens before this one; none for the first
     return (ctx / (ctx + new).clamp_min(1e-12)).cpu()
+
+
+def summary_lookback(ratios: torch.Tensor) -> torch.Tensor:
+    """Per (layer, head), the mean over a summary's tokens: [layers, heads].
+
+    The first token has seen no generated token, so its ratio is 1 by construction; it is
+    left out when there are others, so that short summaries are not pulled towards 1.
+    """
+    return (ratios[1:] if len(ratios) > 1 else ratios).mean(dim=0)

@@ -14,7 +14,7 @@ import torch
 
 from smoothkd.errors import InputError, SmoothkdError
 from smoothkd.evaluate.faithfulness import score_pair
-from smoothkd.evaluate.lookback import lookback_ratios
+from smoothkd.evaluate.lookback import lookback_ratios, summary_lookback
 
 ARTICLE_FIELDS = ("document", "article")  # XSum, CNN/DailyMail
 REFERENCE_FIELDS = ("summary", "highlights")
@@ -55,19 +55,25 @@ def load_articles(path: str, limit: int | None = None) -> list[Article]:
     return out
 
 
-def prompt_ids(tokenizer: Any, article: str, instruction: str, max_prompt_tokens: int) -> list[int]:
-    """The chat-formatted prompt, the article cut (at the token level) to fit max_prompt_tokens."""
+def prompt_ids(tokenizer: Any, article: str, instruction: str, max_prompt_tokens: int) -> tuple[list[int], str]:
+    """The chat-formatted prompt, and the article as it is in it: cut (at the token level) to
+    fit max_prompt_tokens. Metrics compare the summary with the article the model saw."""
     def ids(text: str) -> list[int]:
         msg = [{"role": "user", "content": f"{instruction}\n\n{text}"}]
         rendered = tokenizer.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
         return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
     full = ids(article)
-    if len(full) <= max_prompt_tokens:
-        return full
     article_ids = tokenizer(article, add_special_tokens=False)["input_ids"]
-    keep = max(1, len(article_ids) - (len(full) - max_prompt_tokens))
-    return ids(tokenizer.decode(article_ids[:keep]))
+    keep = len(article_ids)
+    while len(full) > max_prompt_tokens:  # re-encoding a cut text can shift the count: repeat
+        keep -= len(full) - max_prompt_tokens
+        if keep < 1:
+            raise InputError(f"--max-prompt-tokens {max_prompt_tokens} leaves no room for the article "
+                             "after the chat template and instruction")
+        article = tokenizer.decode(article_ids[:keep])
+        full = ids(article)
+    return full, article
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -112,9 +118,18 @@ def load_fc_model(path: str | None) -> Callable[[list[tuple[str, str]]], list[fl
 def evaluate_summarization(model: Any, tokenizer: Any, articles: list[Article], max_new_tokens: int = 128,
                            batch_size: int = 4, instruction: str = DEFAULT_INSTRUCTION, max_prompt_tokens: int = 1536,
                            fc_model: str | None = None, lookback: bool = True,
+                           lookback_classifier: str | None = None,
                            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    from smoothkd.evaluate import lookback_classifier as lens  # it imports this module
+
+    if lookback_classifier and not lookback:
+        raise SmoothkdError("--lookback-classifier needs the lookback ratios: drop --no-lookback")
     hhem = load_fc_model(fc_model)
-    prompts = [prompt_ids(tokenizer, a.text, instruction, max_prompt_tokens) for a in articles]
+    classify = None
+    if lookback_classifier:
+        n_features = model.config.num_hidden_layers * model.config.num_attention_heads
+        classify = lens.load(lookback_classifier, n_features)
+    prompts, seen = zip(*[prompt_ids(tokenizer, a.text, instruction, max_prompt_tokens) for a in articles])
     examples = []
     for start in range(0, len(articles), batch_size):
         batch = list(range(start, min(start + batch_size, len(articles))))
@@ -122,15 +137,17 @@ def evaluate_summarization(model: Any, tokenizer: Any, articles: list[Article], 
             a = articles[i]
             summary = tokenizer.decode(gen, skip_special_tokens=True).strip()
             row = {"id": a.id, "summary": summary, "reference": a.reference, "n_summary_tokens": len(gen),
-                   **score_pair(a.text, summary, a.reference)}
-            if lookback:
-                ratios = lookback_ratios(model, prompts[i], gen)
-                row["lookback_ratio"] = float(ratios.mean()) if ratios.numel() else None
+                   "article_cut": len(seen[i]) < len(a.text), **score_pair(seen[i], summary, a.reference)}
+            if lookback and gen:
+                per_head = summary_lookback(lookback_ratios(model, prompts[i], gen))  # [layers, heads]
+                row["lookback_ratio"] = float(per_head.mean())
+                if classify is not None:
+                    row["lookback_factual_prob"] = classify(per_head.flatten().numpy())
             examples.append(row)
         if progress:
             progress(len(batch))
     if hhem is not None:
-        for row, score in zip(examples, hhem([(a.text, r["summary"]) for a, r in zip(articles, examples)])):
+        for row, score in zip(examples, hhem([(text, r["summary"]) for text, r in zip(seen, examples)])):
             row["hhem"] = score
 
     def mean(key: str) -> float | None:
@@ -144,7 +161,12 @@ def evaluate_summarization(model: Any, tokenizer: Any, articles: list[Article], 
         "share_with_unsupported": float(np.mean([len(r["unsupported"]) > 0 for r in examples])),
         "lookback_ratio": mean("lookback_ratio"),
         "hhem": mean("hhem") if hhem is not None else None,
+        "lookback_factual_rate": (float(np.mean([r["lookback_factual_prob"] > 0.5 for r in examples
+                                                 if "lookback_factual_prob" in r]))
+                                  if classify is not None else None),
         "summary_tokens": mean("n_summary_tokens"),
     }
     notes = [] if hhem is not None else ["hhem: not computed (no --fc-model given; HHEM weights are not available offline)"]
+    if classify is None:
+        notes.append("lookback_factual_rate: not computed (no --lookback-classifier for this model)")
     return {"metrics": metrics, "examples": examples, "notes": notes}

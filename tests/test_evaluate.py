@@ -89,6 +89,26 @@ def test_calibration_matches_a_direct_computation(tiny_model, runs):
         nll.append(-lp.gather(-1, torch.from_numpy(seq.targets)[:, None])[:, 0])
     assert m["nll"] == pytest.approx(torch.cat(nll).mean().item(), rel=1e-4)
     assert m["n_tokens"] == sum(len(x) for x in nll)
+    per_seq = {e["seq"]: e for e in result["examples"]}
+    assert sorted(per_seq) == heldout
+    for i, x in zip(heldout, nll):
+        assert per_seq[i]["n_tokens"] == len(x) and per_seq[i]["nll"] == pytest.approx(x.mean().item(), rel=1e-4)
+
+
+def test_cnndm_style_articles_are_read_and_long_articles_cut_to_fit(tiny_model, tmp_path):
+    from smoothkd.evaluate.summarization import prompt_ids
+
+    p = tmp_path / "cnndm.jsonl"
+    p.write_text(json.dumps({"id": "a1", "article": "( CNN ) word " * 400, "highlights": "Short ."}) + "\n")
+    (a,) = load_articles(str(p))
+    assert a.id == "a1" and a.reference == "Short ." and a.text.startswith("( CNN )")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids, seen = prompt_ids(tok, a.text, "Summarize.", 200)
+    assert len(ids) <= 200 and a.text.startswith(seen.rstrip()) and len(seen) < len(a.text)
+    full, whole = prompt_ids(tok, "A short article.", "Summarize.", 200)
+    assert whole == "A short article." and len(full) < 200
+    with pytest.raises(SmoothkdError, match="leaves no room for the article"):
+        prompt_ids(tok, a.text, "Summarize.", 5)
 
 
 def test_summarization_and_compare_report_from_two_runs(runs, tmp_path):

@@ -42,7 +42,7 @@ def token_statistics(model: Any, data: StoreDataset, batch_size: int = 4,
                      progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Per supervised token: NLL of the target, entropy, top-1 confidence and correctness."""
     device = next(model.parameters()).device
-    out: dict[str, list[np.ndarray]] = {"nll": [], "entropy": [], "confidence": [], "correct": []}
+    out: dict[str, list[np.ndarray]] = {"nll": [], "entropy": [], "confidence": [], "correct": [], "seq": []}
     for positions in data.batches(epoch=0, seed=0, batch_size=batch_size):
         batch = data.load(positions).to(device)
         with torch.inference_mode():
@@ -53,6 +53,8 @@ def token_statistics(model: Any, data: StoreDataset, batch_size: int = 4,
             out["entropy"].append(torch.special.entr(logp.exp()).sum(-1).cpu().numpy())  # 0 log 0 = 0
             out["confidence"].append(conf.exp().cpu().numpy())
             out["correct"].append((pred == batch.targets).cpu().numpy())
+            per_row = batch.supervised.sum(dim=1).cpu().numpy()  # supervised tokens of each sequence
+            out["seq"].append(np.repeat(np.array(batch.seqs), per_row))
         if progress:
             progress(len(positions))
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -64,7 +66,14 @@ def evaluate_calibration(model: Any, store_url: str, split: str = "heldout", sou
     data = StoreDataset(store, list(sources), split=split)
     stats = token_statistics(model, data, batch_size, progress)
     ece, bins = expected_calibration_error(stats["confidence"], stats["correct"])
+    examples = []
+    for seq in np.unique(stats["seq"]):  # one row per held-out sequence
+        m = stats["seq"] == seq
+        examples.append({"seq": int(seq), "n_tokens": int(m.sum()), "nll": float(stats["nll"][m].mean()),
+                         "entropy": float(stats["entropy"][m].mean()), "accuracy": float(stats["correct"][m].mean()),
+                         "confidence": float(stats["confidence"][m].mean())})
     return {
+        "examples": examples,
         "metrics": {
             "nll": float(stats["nll"].mean()),
             "entropy": float(stats["entropy"].mean()),

@@ -306,17 +306,14 @@ def evaluate_faithfulness(
     """Score given (article, summary) pairs, no generation: one line per pair, in input order."""
     import numpy as np
 
-    from smoothkd.evaluate.faithfulness import score_pair
     from smoothkd.errors import InputError
+    from smoothkd.evaluate.faithfulness import score_pair
+    from smoothkd.jsonl import read_jsonl
 
+    if not pairs.is_file():
+        raise InputError(f"--pairs {pairs}: no such file")
     rows = []
-    for lineno, line in enumerate(pairs.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{pairs}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+    for lineno, row in read_jsonl(pairs):
         for f in ("article", "summary"):
             if not isinstance(row.get(f), str):
                 raise InputError(f"{pairs}:{lineno}: missing string field {f!r}")

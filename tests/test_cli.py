@@ -170,3 +170,10 @@ def test_bad_options_are_reported_together(tiny_model, dolly, tmp_path):
 
 def test_missing_dataset_file(tiny_model, tmp_path):
     fails_with(precompute(tiny_model, tmp_path / "nope.jsonl", tmp_path / "o"), "nope.jsonl: no such file")
+
+
+def test_limit_stops_before_a_bad_line(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [DOLLY_ROW, DOLLY_ROW | {"response": "Red."}, '{"broken": '])
+    result = precompute(tiny_model, data, tmp_path / "out", "--limit", "2")
+    assert result.exit_code == 0, result.stderr
+    assert SoftLabelStore(str(tmp_path / "out")).n_sequences == 2

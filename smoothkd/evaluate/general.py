@@ -9,7 +9,6 @@ the leading space, as lm-eval's `completion_len`). Ties go to the first choice (
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, replace
@@ -18,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from smoothkd.jsonl import read_jsonl
 from smoothkd.errors import InputError, SmoothkdError
 
 TARGET_DELIMITER = " "  # lm-eval puts this between the context and each choice
@@ -151,24 +151,15 @@ def load_task(task: str, data_dir: Path, limit: int | None = None) -> list[MCIte
     path = task_file(task, data_dir)
     parse = TASKS[task]
     items: list[MCItem] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{lineno}: not a JSON object")
-            try:
-                item = parse(record)
-            except ValueError as e:
-                raise InputError(f"{path}:{lineno}: {task}: {e}") from e
-            # Files without an id (llm-foundry's OpenBookQA) get their 0-based line number.
-            items.append(item if item.id else replace(item, id=str(lineno - 1)))
+    for lineno, record in read_jsonl(path):
+        try:
+            item = parse(record)
+        except ValueError as e:
+            raise InputError(f"{path}:{lineno}: {task}: {e}") from e
+        # Files without an id (llm-foundry's OpenBookQA) get their 0-based line number.
+        items.append(item if item.id else replace(item, id=str(lineno - 1)))
+        if limit is not None and len(items) >= limit:  # stop before reading (and judging) more lines
+            break
     if not items:
         raise InputError(f"{path}: no records")
     return items

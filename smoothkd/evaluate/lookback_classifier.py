@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from smoothkd.errors import InputError, SmoothkdError
+from smoothkd.jsonl import read_jsonl
 from smoothkd.evaluate.lookback import lookback_ratios, summary_lookback
 from smoothkd.evaluate.summarization import prompt_ids
 
@@ -61,13 +62,7 @@ def auc(score: np.ndarray, label: np.ndarray) -> float:
 def train(model: Any, tokenizer: Any, pairs_path: Path, out: Path, instruction: str, max_prompt_tokens: int,
           model_name: str, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     rows = []
-    for lineno, line in enumerate(pairs_path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{pairs_path}:{lineno}: not valid JSON ({e.msg})") from e
+    for lineno, r in read_jsonl(pairs_path):
         if not isinstance(r.get("article"), str) or not isinstance(r.get("summary"), str) or r.get("label") not in (0, 1):
             raise InputError(f"{pairs_path}:{lineno}: needs string `article` and `summary` and `label` 0 or 1 "
                              "(1 = faithful)")

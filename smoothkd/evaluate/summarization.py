@@ -4,7 +4,6 @@ and the reference (ROUGE-L)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from smoothkd.errors import InputError, SmoothkdError
+from smoothkd.jsonl import read_jsonl
 from smoothkd.evaluate.faithfulness import score_pair
 from smoothkd.evaluate.lookback import lookback_ratios, summary_lookback
 
@@ -35,21 +35,14 @@ def load_articles(path: str, limit: int | None = None) -> list[Article]:
     if not p.is_file():
         raise InputError(f"{path}: no such file")
     out = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
-            text = next((row[f] for f in ARTICLE_FIELDS if isinstance(row.get(f), str)), None)
-            if not text:
-                raise InputError(f"{path}:{lineno}: no article text (expected a field {' or '.join(ARTICLE_FIELDS)})")
-            ref = next((row[f] for f in REFERENCE_FIELDS if isinstance(row.get(f), str)), None)
-            out.append(Article(str(row.get("id", lineno - 1)), text, ref, row))
+    for lineno, row in read_jsonl(p):
+        text = next((row[f] for f in ARTICLE_FIELDS if isinstance(row.get(f), str)), None)
+        if not text:
+            raise InputError(f"{path}:{lineno}: no article text (expected a field {' or '.join(ARTICLE_FIELDS)})")
+        ref = next((row[f] for f in REFERENCE_FIELDS if isinstance(row.get(f), str)), None)
+        out.append(Article(str(row.get("id", lineno - 1)), text, ref, row))
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise InputError(f"{path}: no articles")
     return out

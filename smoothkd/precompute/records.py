@@ -7,12 +7,14 @@ optional id); `field_map` maps them onto another instruction set's column names.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from smoothkd.errors import InputError
+from smoothkd.jsonl import read_jsonl
 
 FIELDS = ("id", "instruction", "context", "response", "category")
 REQUIRED = ("instruction", "response")
@@ -50,15 +52,9 @@ def parse_field_map(items: list[str] | None) -> dict[str, str]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+    # not objects-only: _check reports a non-object row as an invalid record (--skip-invalid applies)
+    for lineno, value in read_jsonl(path, objects=False):
+        yield f"{path}:{lineno}", value
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
@@ -130,9 +126,8 @@ def load_records(source: str, field_map: dict[str, str] | None = None, limit: in
     records: list[Record] = []
     problems: list[str] = []
     seen: dict[str, str] = {}
-    for index, (where, raw) in enumerate(iter_raw(source, split)):
-        if limit is not None and index >= limit:
-            break
+    # islice stops before reading row `limit`: a bad row past the limit is never judged
+    for index, (where, raw) in enumerate(itertools.islice(iter_raw(source, split), limit)):
         checked = _check(where, raw, index, field_map)
         if isinstance(checked, str):
             problems.append(checked)

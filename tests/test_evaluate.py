@@ -50,8 +50,17 @@ def test_lookback_ratio_of_uniform_attention(tiny_model):
     assert torch.allclose(ratios[0], torch.ones(2, 4))
     assert torch.allclose(ratios[1:], torch.full((3, 2, 4), 0.5), atol=1e-6)
     real = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager").eval()
-    r = lookback_ratios(real, list(range(3, 13)), [20, 21, 22, 23])
+    prompt, gen = list(range(3, 13)), [20, 21, 22, 23]
+    r = lookback_ratios(real, prompt, gen)
     assert ((r > 0) & (r <= 1)).all() and not torch.allclose(r[1:], torch.full_like(r[1:], 0.5))
+    # Independent reference: decode step by step, as generation does, and read the last
+    # query row of each step's attention (a row or column off by one would not match).
+    for j in range(1, len(gen)):
+        with torch.no_grad():
+            att = real(torch.tensor([prompt + gen[:j]]), output_attentions=True).attentions  # L x [1, H, T, T]
+        last = torch.stack([a[0, :, -1, :] for a in att])  # [L, H, T]
+        expected = last[..., :10].mean(-1) / (last[..., :10].mean(-1) + last[..., 10:].mean(-1))
+        torch.testing.assert_close(r[j], expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

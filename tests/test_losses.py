@@ -5,7 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smoothkd.distill.losses import LOSSES, TeacherTopK, topk_renorm, topk_tail
+from smoothkd.distill import losses
+from smoothkd.distill.losses import LOSSES, TeacherTopK, student_logprobs
+
+
+def from_logits(fn):
+    """The loss as a function of student logits (the losses take student_logprobs(logits, tau))."""
+    return lambda s, teacher, tau=1.0: fn(student_logprobs(s, tau), teacher, tau)
+
+
+# Every check below is on values and gradients with respect to the student's logits.
+topk_tail, topk_renorm = from_logits(losses.topk_tail), from_logits(losses.topk_renorm)
+FROM_LOGITS = {"topk_tail": topk_tail, "topk_renorm": topk_renorm}
 
 N, V, K = 20, 50, 8
 
@@ -62,7 +73,7 @@ def value_and_grad(fn, s: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tens
 def test_loss_and_gradient_match_dense_float64_reference(name: str, tau: float):
     teacher, _, vals, r = make_teacher()
     s = make_student()
-    loss, grad = value_and_grad(LOSSES[name], s, teacher, tau)
+    loss, grad = value_and_grad(FROM_LOGITS[name], s, teacher, tau)
     assert loss.shape == (N,) and loss.dtype == torch.float32
     s64 = s.detach().double().requires_grad_()
     ref, ref_grad = value_and_grad(REFERENCES[name], s64, teacher.ids, vals, r, tau)
@@ -126,7 +137,7 @@ def test_no_nan_when_the_student_puts_all_its_mass_inside_the_top_k(peak: str, t
 def test_no_positions_give_an_empty_loss(name: str):
     teacher = TeacherTopK(ids=torch.zeros(0, K, dtype=torch.long), logprobs=torch.zeros(0, K), tail=torch.zeros(0))
     s = torch.randn(0, V, requires_grad=True)
-    loss = LOSSES[name](s, teacher, 2.0)
+    loss = FROM_LOGITS[name](s, teacher, 2.0)
     assert loss.shape == (0,)
     total = loss.sum()
     assert total.item() == 0.0
@@ -174,4 +185,4 @@ def test_mismatched_teacher_rows_are_refused():
 
 
 def test_registry_has_exactly_the_two_losses():
-    assert LOSSES == {"topk_tail": topk_tail, "topk_renorm": topk_renorm}
+    assert LOSSES == {"topk_tail": losses.topk_tail, "topk_renorm": losses.topk_renorm}

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from smoothkd import __version__
 from smoothkd.distill.config import DistillConfig, _layer_range
 from smoothkd.distill.data import Batch, StoreDataset
-from smoothkd.distill.losses import LOSSES
+from smoothkd.distill.losses import LOSSES, student_logprobs
 from smoothkd.errors import SmoothkdError
 from smoothkd.models import load_causal_lm, load_tokenizer, resolve, tokenizer_fingerprint
 from smoothkd.storage_schemas import SoftLabelStore
@@ -46,9 +46,13 @@ def loss_step(model: Any, batch: Batch, cfg: DistillConfig, n_step_tokens: float
         kwargs["logits_to_keep"] = keep
         supervised = supervised[:, keep]  # [b, K]
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs).logits
-    logits = logits[supervised].float()  # [n, V], rows in the order of batch.targets
-    ce = F.cross_entropy(logits, batch.targets, reduction="sum")
-    kd = LOSSES[cfg.loss](logits, batch.teacher, cfg.temperature).sum() if cfg.alpha > 0 else ce.new_zeros(())
+    logits = logits[supervised]  # [n, V], rows in the order of batch.targets
+    logp = student_logprobs(logits)  # [n, V] float32, one pass shared by CE and (at tau = 1) KD
+    ce = F.nll_loss(logp, batch.targets, reduction="sum")
+    kd = ce.new_zeros(())
+    if cfg.alpha > 0:
+        kd_logp = logp if cfg.temperature == 1.0 else student_logprobs(logits, cfg.temperature)
+        kd = LOSSES[cfg.loss](kd_logp, batch.teacher, cfg.temperature).sum()
     loss = (ce + cfg.alpha * kd) / n_step_tokens
     n = max(batch.n_supervised, 1)
     return loss, {"ce": ce.item() / n, "kd": kd.item() / n}

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from smoothkd.errors import InputError, SmoothkdError
-from smoothkd.jsonl import read_jsonl
 from smoothkd.evaluate.faithfulness import score_pair
 from smoothkd.evaluate.lookback import lookback_ratios, summary_lookback
+from smoothkd.generation import greedy, pad_id, stop_ids
+from smoothkd.jsonl import read_jsonl
 
 ARTICLE_FIELDS = ("document", "article")  # XSum, CNN/DailyMail
 REFERENCE_FIELDS = ("summary", "highlights")
@@ -70,26 +70,10 @@ def prompt_ids(tokenizer: Any, article: str, instruction: str, max_prompt_tokens
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations, cut after the first end-of-turn token."""
-    from smoothkd.precompute.backends.hf import _stop_ids
-
-    stop = _stop_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding: new tokens line up at the end
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, eos_token_id=sorted(stop), pad_token_id=pad)
-    gens = []
-    for row in out[:, width:].tolist():
-        end = next((j for j, t in enumerate(row) if t in stop), None)
-        gens.append(row if end is None else row[:end])  # the stop token is not part of the summary
-    return gens
+    """Greedy continuations; the stop token is not part of the summary."""
+    stops = stop_ids(tokenizer, model)
+    return [g.ids[:-1] if g.finished else g.ids
+            for g in greedy(model, prompts, max_new_tokens, stops, pad_id(tokenizer, stops))]
 
 
 def load_fc_model(path: str | None) -> Callable[[list[tuple[str, str]]], list[float]] | None:

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+from smoothkd.generation import Generation
 from smoothkd.storage_schemas.spec import TopKLabels
-
-
-@dataclass(frozen=True)
-class Generation:
-    ids: list[int]  # generated tokens, up to and including the stop token when one came
-    finished: bool  # a stop token came before max_new_tokens
 
 
 class TeacherBackend(Protocol):

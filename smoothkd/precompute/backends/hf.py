@@ -7,17 +7,10 @@ from typing import Any
 
 import torch
 
+from smoothkd.generation import Generation, greedy, pad_batch, pad_id, stop_ids
 from smoothkd.models import load_causal_lm, load_tokenizer
-from smoothkd.precompute.backends.base import Generation
 from smoothkd.precompute.topk import topk_labels
 from smoothkd.storage_schemas.spec import TopKLabels
-
-
-def _stop_ids(tokenizer: Any, model: Any) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
-    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
-    return {int(i) for i in ids if i is not None}
 
 
 class HFTeacher:
@@ -29,23 +22,12 @@ class HFTeacher:
         self.device = next(self.model.parameters()).device
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self.stop_ids = _stop_ids(self.tokenizer, self.model)
+        self.stop_ids = stop_ids(self.tokenizer, self.model)
         self.revision = getattr(self.model.config, "_commit_hash", None)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else min(self.stop_ids, default=0))
+        self.pad_id = pad_id(self.tokenizer, self.stop_ids)
         # Computing logits only where they are needed (response positions) skips most of the
         # vocabulary projection on long prompts; models without `logits_to_keep` get all.
         self._keep_positions = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-
-    def _batch(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            span = slice(width - len(r), width) if left else slice(0, len(r))
-            ids[i, span] = torch.tensor(r, dtype=torch.long)
-            mask[i, span] = 1
-        return ids.to(self.device), mask.to(self.device)
 
     def forward_logits(self, sequences: list[tuple[list[int], int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Teacher-forced logits at the positions that predict each response token.
@@ -53,7 +35,7 @@ class HFTeacher:
         Returns the logits [b, n_kept, V] and, per sequence, the row indices into n_kept of its
         supervised positions (prompt_len - 1 .. len - 2), one per response token.
         """
-        ids, mask = self._batch([tokens for tokens, _ in sequences], left=False)  # right padding
+        ids, mask = pad_batch([tokens for tokens, _ in sequences], self.pad_id, left=False, device=self.device)
         positions = [torch.arange(p - 1, len(t) - 1) for t, p in sequences]
         kwargs: dict[str, Any] = {}
         if self._keep_positions:
@@ -76,17 +58,4 @@ class HFTeacher:
         return out
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
-        from transformers import GenerationConfig
-
-        ids, mask = self._batch(prompts, left=True)  # left padding: new tokens line up at the end
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            eos_token_id=sorted(self.stop_ids), pad_token_id=self.pad_id,
-        )
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        gens = []
-        for row in out[:, ids.shape[1] :].tolist():
-            stop = next((j for j, t in enumerate(row) if t in self.stop_ids), None)
-            gens.append(Generation(row if stop is None else row[: stop + 1], stop is not None))
-        return gens
+        return greedy(self.model, prompts, max_new_tokens, self.stop_ids, self.pad_id)

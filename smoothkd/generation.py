@@ -1,0 +1,57 @@
+"""Batched greedy decoding with transformers, shared by the teacher (greedy augmentation)
+and evaluation (summaries)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Generation:
+    ids: list[int]  # generated tokens, up to and including the stop token when one came
+    finished: bool  # a stop token came before max_new_tokens
+
+
+def stop_ids(tokenizer: Any, model: Any) -> set[int]:
+    """End-of-turn / end-of-sequence ids: the tokenizer's eos and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+    return {int(i) for i in ids if i is not None}
+
+
+def pad_id(tokenizer: Any, stops: set[int]) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else min(stops, default=0))
+
+
+def pad_batch(rows: list[list[int]], pad: int, left: bool, device: torch.device | str = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [b, L]; left padding lines new tokens up at the end."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def greedy(model: Any, prompts: list[list[int]], max_new_tokens: int, stops: set[int], pad: int) -> list[Generation]:
+    """Greedy continuations of each prompt, cut after the first stop token."""
+    from transformers import GenerationConfig
+
+    ids, mask = pad_batch(prompts, pad, left=True, device=next(model.parameters()).device)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=sorted(stops), pad_token_id=pad)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    gens = []
+    for row in out[:, ids.shape[1] :].tolist():
+        end = next((j for j, t in enumerate(row) if t in stops), None)
+        gens.append(Generation(row if end is None else row[: end + 1], end is not None))
+    return gens

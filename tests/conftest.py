@@ -74,3 +74,17 @@ def smollm2() -> str:
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+def need(module: str):
+    """Import an optional extra's module for a test. Missing: a skip on a developer's machine,
+    a failure where SMOOTHKD_REQUIRE_EXTRAS=1 (the Makefile's test target, hence CI)."""
+    import importlib
+    import os
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("SMOOTHKD_REQUIRE_EXTRAS") == "1":
+            pytest.fail(f"{module} is not installed but SMOOTHKD_REQUIRE_EXTRAS=1: {e}")
+        pytest.skip(f"optional extra not installed: {module}")

@@ -71,7 +71,7 @@ def prompt_ids(tokenizer: Any, article: str, instruction: str, max_prompt_tokens
 
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations; the stop token is not part of the summary."""
-    stops = stop_ids(tokenizer, model)
+    stops = stop_ids(tokenizer, model.generation_config)
     return [g.ids[:-1] if g.finished else g.ids
             for g in greedy(model, prompts, max_new_tokens, stops, pad_id(tokenizer, stops))]
 

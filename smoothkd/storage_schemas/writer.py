@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +17,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+from zarr.errors import ContainsGroupError
 
 from smoothkd import __version__
 from smoothkd.errors import StoreError
 from smoothkd.storage_schemas import spec
 from smoothkd.storage_schemas.fsio import StoreLocation
 from smoothkd.storage_schemas.reader import list_parts, read_manifest
+
+# How long a writer waits for a concurrent shard's manifest before calling a directory foreign.
+CREATE_WAIT_POLLS = 5
+CREATE_WAIT_SECONDS = 0.4
 
 
 def _now() -> str:
@@ -103,31 +109,48 @@ class StoreWriter:
         self._open(overwrite)
 
     def _open(self, overwrite: bool) -> None:
-        existing = read_manifest(self.loc, missing_ok=True)
-        if existing is None and self.loc.fs.exists(self.loc.root) and self.loc.listdir():
-            raise StoreError(
-                f"{self.loc.url} exists and is not a smoothkd store; choose an empty or new --out "
-                "(--overwrite only replaces smoothkd stores)"
-            )
-        if existing is not None:
-            diff = spec.identity_diff(existing.identity(), self.manifest.identity())
-            if not diff:
-                self.manifest = existing  # resume: keep the original creation record
-                return
-            if not overwrite:
+        # Shards started together (Ray, a job array) create the store at the same moment: a
+        # directory without a manifest may be another shard's, about to write it, and a create
+        # can lose the race to one. Both are looked at again before anything is refused.
+        for attempt in range(CREATE_WAIT_POLLS):
+            last = attempt == CREATE_WAIT_POLLS - 1
+            existing = read_manifest(self.loc, missing_ok=True)
+            if existing is None and self.loc.fs.exists(self.loc.root) and self.loc.listdir():
+                if not last:
+                    time.sleep(CREATE_WAIT_SECONDS)
+                    continue
                 raise StoreError(
-                    f"{self.loc.url} holds a store built differently; refusing to mix them "
-                    "(pass --overwrite to replace it, or choose another --out):\n  " + "\n  ".join(diff)
+                    f"{self.loc.url} exists and is not a smoothkd store; choose an empty or new --out "
+                    "(--overwrite only replaces smoothkd stores)"
                 )
-            self.loc.remove()
+            if existing is not None:
+                diff = spec.identity_diff(existing.identity(), self.manifest.identity())
+                if not diff:
+                    self.manifest = existing  # resume: keep the original creation record
+                    return
+                if not overwrite:
+                    raise StoreError(
+                        f"{self.loc.url} holds a store built differently; refusing to mix them "
+                        "(pass --overwrite to replace it, or choose another --out):\n  " + "\n  ".join(diff)
+                    )
+                self.loc.remove()
+            try:
+                self._create()
+                return
+            except ContainsGroupError:
+                if last:
+                    raise
+                time.sleep(CREATE_WAIT_SECONDS)
+
+    def _create(self) -> None:
         manifest = spec.Manifest.from_json({
             **self.manifest.to_json(),
             "created": _now(),
             "tool": {"name": "smoothkd", "version": __version__},
         })
         # One write of the root metadata, manifest included: a concurrent shard never sees a
-        # root group without its manifest.
-        zarr.open_group(self.loc.zarr_store(), mode="a", zarr_format=3,
+        # root group without its manifest. "w-": fail, not overwrite, if one beat us to it.
+        zarr.open_group(self.loc.zarr_store(), mode="w-", zarr_format=3,
                         attributes={spec.MANIFEST_KEY: manifest.to_json()})
         self.manifest = manifest
 

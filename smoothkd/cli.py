@@ -169,6 +169,7 @@ def distill_student(
     seed: int = typer.Option(0, help=_d("seed")),
     lora: bool = typer.Option(False, help=_d("lora")),
     lora_rank: int = typer.Option(16, help=_d("lora_rank")),
+    fsdp: bool = typer.Option(False, help=_d("fsdp")),
     freeze: str = typer.Option("", help=_d("freeze") + " Comma-separated."),
     save_every: int = typer.Option(50, help=_d("save_every")),
     resume: bool = typer.Option(False, help=_d("resume")),
@@ -187,16 +188,10 @@ def distill_student(
         warmup_steps=warmup_steps, weight_decay=weight_decay, max_grad_norm=max_grad_norm, batch_size=batch_size,
         grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, sources=split(sources), seed=seed, lora=lora,
         lora_rank=lora_rank, freeze=split(freeze), save_every=save_every, resume=resume,
-        allow_incomplete_store=allow_incomplete_store, dtype=dtype, device=device,
+        allow_incomplete_store=allow_incomplete_store, dtype=dtype, device=device, fsdp=fsdp,
     )
     _quiet_transformers()
-    log = lambda m: err.print(m, highlight=False)  # noqa: E731
-    if ray_shards is not None:
-        from smoothkd.precompute.ray_shards import run_on_ray
-
-        summary = run_on_ray(cfg, ray_shards, log=log)
-    else:
-        summary = run(cfg, show_progress=not json_, log=log)
+    summary = run(cfg, show_progress=not json_, log=lambda m: err.print(m, highlight=False))
     if json_:
         print(json.dumps(summary, indent=2))
         return

@@ -34,6 +34,8 @@ class DistillConfig:
     lora: bool = opt(False, "Train LoRA adapters (peft) instead of all weights; the adapter is saved, plus a merged model.")
     lora_rank: int = opt(16, "LoRA rank (with --lora).")
     freeze: list[str] = opt([], "Parameter groups to freeze: embed, attn, mlp, norm, lm_head, layers:A-B (A..B inclusive).")
+    fsdp: bool = opt(False, "Shard parameters, gradients and optimizer state over the processes (FSDP2), for "
+                            "students that do not fit one GPU; under torchrun or accelerate launch. Default: DDP.")
     save_every: int = opt(50, "Write a resumable checkpoint every N optimizer steps (and at the end).")
     resume: bool = opt(False, "Continue from the run directory's last checkpoint.")
     allow_incomplete_store: bool = opt(False, "Train on a store that still misses parts (see `store info`).")
@@ -67,6 +69,8 @@ class DistillConfig:
         for group in self.freeze:
             if group not in FREEZE_GROUPS and not _layer_range(group):
                 problems.append(f"--freeze {group!r}: not one of {', '.join(FREEZE_GROUPS)} or layers:A-B")
+        if self.fsdp and self.lora:
+            problems.append("--fsdp with --lora is not supported: LoRA students are small, use DDP (the default)")
         if self.lora and self.freeze:
             problems.append("--freeze has no effect with --lora (only the adapters train); use one or the other")
         if problems:

@@ -3,8 +3,8 @@
 The step (`loss_step`) is pure; data order, logging, checkpoints and distribution live in
 `run`. Multi-process runs use torch.distributed (`torchrun --nproc_per_node N -m
 smoothkd.cli distill student ...` or `accelerate launch`): each rank reads its own slice of
-the store, DDP averages gradients, and a rank with one batch fewer pads its epoch with a
-zero-weight micro-batch, so that every rank takes the same steps.
+the store, DDP (or FSDP2 with --fsdp) averages gradients, and a rank with one batch fewer
+pads its epoch with a zero-weight micro-batch, so that every rank takes the same steps.
 """
 
 from __future__ import annotations
@@ -81,16 +81,45 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
-def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def _fsdp_options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
-def _save_checkpoint(out: Path, model: Any, opt: Any, sched: Any, state: dict[str, Any]) -> None:
+def _shard(model: Any) -> None:
+    """FSDP2: each transformer block is one unit of sharding (HF names them in _no_split_modules),
+    the rest (embeddings, final norm, head, tied or not) the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    units = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not units:
+        raise SmoothkdError(f"--fsdp: {type(model).__name__} names no transformer block class (_no_split_modules)")
+    for m in units:
+        fully_shard(m)
+    fully_shard(model)
+
+
+def _training_state(model: Any, opt: Any, fsdp: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Trainable weights and optimizer state, whole, on the CPU. With FSDP every rank must call
+    this (it gathers the shards); rank 0 gets the result, the others empty dicts."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        params, optim = get_state_dict(model, opt, options=_fsdp_options())
+        return {n: v for n, v in params.items() if n in trainable}, optim
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if n in trainable}, opt.state_dict()
+
+
+def _save_checkpoint(out: Path, params: dict[str, torch.Tensor], optim: dict[str, Any], sched: Any,
+                     state: dict[str, Any]) -> None:
     """Everything resume needs, swapped in atomically (a killed save leaves the previous one)."""
     tmp, final, old = out / f"{CHECKPOINT}.tmp", out / CHECKPOINT, out / f"{CHECKPOINT}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({"params": _trainable_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    torch.save({"params": params, "optimizer": optim, "scheduler": sched.state_dict(),
                 "rng": torch.get_rng_state()}, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     if final.exists():
@@ -107,13 +136,19 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def _load_checkpoint(path: Path, model: Any, opt: Any, sched: Any) -> dict[str, Any]:
+def _load_checkpoint(path: Path, model: Any, opt: Any, sched: Any, fsdp: bool) -> dict[str, Any]:
     blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in blob["params"].items():
-            params[name].copy_(value)
-    opt.load_state_dict(blob["optimizer"])
+    if fsdp:  # every rank reads the file; set_state_dict scatters each its shards
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(model, opt, model_state_dict=blob["params"], optim_state_dict=blob["optimizer"],
+                       options=_fsdp_options(strict=False))
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in blob["params"].items():
+                params[name].copy_(value)
+        opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng"])
     return json.loads((path / "trainer_state.json").read_text())
@@ -140,7 +175,7 @@ def _distributed() -> tuple[int, int, int]:
 # trained parameters would not be those of one run).
 _RESUME_KEYS = ("store", "model", "alpha", "loss", "temperature", "lr", "warmup_steps", "weight_decay",
                 "max_grad_norm", "batch_size", "grad_accum", "epochs", "max_steps", "sources", "seed", "lora",
-                "lora_rank", "freeze")
+                "lora_rank", "freeze", "fsdp")
 
 
 def _run_identity(cfg: DistillConfig, world: int) -> dict[str, Any]:
@@ -191,22 +226,27 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
     steps_per_epoch = math.ceil(rank0_batches / cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise SmoothkdError("--freeze left no parameter to train")
+    if cfg.fsdp:
+        if world < 2:
+            raise SmoothkdError("--fsdp shards the student over processes: start it under torchrun or "
+                                "accelerate launch with 2 or more")
+        _shard(model)  # before the optimizer: it must hold the sharded parameters
+    trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_steps))
     identity = _run_identity(cfg, world)
     state = {"step": 0, "epoch": 0, "batches_done": 0, "run": identity}
     checkpoint = _latest_checkpoint(out)
     if cfg.resume and checkpoint is not None:
-        state = _load_checkpoint(checkpoint, model, opt, sched)
+        state = _load_checkpoint(checkpoint, model, opt, sched, cfg.fsdp)
         changed = [f"{k}: {state['run'].get(k)!r} -> {v!r}" for k, v in identity.items() if state["run"].get(k) != v]
         if changed:
             raise SmoothkdError(f"--resume with options that differ from the run in {out}:\n  " + "\n  ".join(changed))
         log(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
     train_model = model
-    if world > 1:
+    if world > 1 and not cfg.fsdp:
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,8 +305,11 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
                 log_file.flush()
                 progress.update(task, advance=1, info=f"loss {sums['loss']:.3f} ce {sums['ce']:.3f} "
                                                       f"kd {sums['kd']:.3f} {last['tokens_per_s']:,.0f} tok/s")
-                if rank == 0 and (state["step"] % cfg.save_every == 0 or state["step"] == total):
-                    _save_checkpoint(out, model, opt, sched, state)
+                if state["step"] % cfg.save_every == 0 or state["step"] == total:
+                    if cfg.fsdp or rank == 0:  # FSDP gathers on every rank
+                        params, optim = _training_state(model, opt, cfg.fsdp)
+                    if rank == 0:
+                        _save_checkpoint(out, params, optim, sched, state)
                 if state["step"] >= total:
                     break
             else:
@@ -275,20 +318,27 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
     seconds = time.perf_counter() - started
     summary = {"steps": state["step"], "epochs_started": state["epoch"] + 1, "seconds": seconds,
                "supervised_tokens": tokens_seen, "last": {k: v for k, v in last.items() if k != "seqs"}}
-    if rank == 0 and (ran or not (out / RUN_FILE).exists()):  # a finished run resumed keeps its record
-        _save_final(out, model, tokenizer, cfg, store, summary)
+    if ran or not (out / RUN_FILE).exists():  # a finished run resumed keeps its record
+        full = None
+        if cfg.fsdp:  # gathered on every rank, saved by rank 0
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            full = get_model_state_dict(model, options=_fsdp_options())
+        if rank == 0:
+            _save_final(out, model, tokenizer, cfg, store, summary, full)
     if world > 1:
         torch.distributed.barrier()
     return summary
 
 
 def _save_final(out: Path, model: Any, tokenizer: Any, cfg: DistillConfig, store: SoftLabelStore,
-                summary: dict[str, Any]) -> None:
-    """A normal Hugging Face checkpoint in `out` (merged, with --lora), plus the run record."""
+                summary: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """A normal Hugging Face checkpoint in `out` (merged, with --lora), plus the run record.
+    `state_dict`: the gathered weights of a sharded (FSDP) model."""
     if cfg.lora:
         model.save_pretrained(out / "adapter")
         model = model.merge_and_unload()
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     record = {"config": dataclasses.asdict(cfg), "store": _store_identity(store), "summary": summary,
               "tool": {"name": "smoothkd", "version": __version__}}

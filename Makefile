@@ -38,6 +38,7 @@ bench: model
 	$(BIN)/python benchmarks/storage.py
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/distill.py
+	$(BIN)/python benchmarks/vllm_backend.py
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -250,6 +250,10 @@ def test_fsdp_trains_like_ddp_and_saves_whole_weights(tiny_model, store, tmp_pat
     wa = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp").state_dict()
     wb = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp").state_dict()
     assert wa.keys() == wb.keys()
+    from safetensors import safe_open
+
+    stored = [set(safe_open(tmp_path / n / "model.safetensors", "pt").keys()) for n in ("ddp", "fsdp")]
+    assert stored[0] == stored[1]  # tied weights saved once, as save_pretrained does
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
     assert any(not torch.equal(start[k], wb[k]) for k in wb)  # it trained

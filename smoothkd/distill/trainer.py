@@ -324,6 +324,10 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
             from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
             full = get_model_state_dict(model, options=_fsdp_options())
+            # Tied weights come back as separate copies under each name: keep one, as HF does.
+            canonical = {n for n, _ in model.named_parameters()}
+            full = {k: v for k, v in full.items()
+                    if k in canonical or k not in {n for n, _ in model.named_parameters(remove_duplicate=False)}}
         if rank == 0:
             _save_final(out, model, tokenizer, cfg, store, summary, full)
     if world > 1:

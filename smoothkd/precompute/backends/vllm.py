@@ -64,6 +64,8 @@ def labels_from_flat(flat: Any, start: int, targets: list[int], k: int, where: s
 
 def _cpu_defaults() -> None:
     """Environment for vLLM's CPU build, set before its engine starts, unless already set."""
+    if not hasattr(os, "sched_getaffinity"):  # not Linux: leave vLLM's own choice
+        return
     cpus = sorted(os.sched_getaffinity(0))
     if cpus == list(range(cpus[0], cpus[-1] + 1)):
         # vLLM's "auto" binding leaves a core per NUMA node idle: on a small machine that is half of it.

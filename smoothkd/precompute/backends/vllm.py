@@ -78,6 +78,8 @@ class VLLMTeacher:
 
     def __init__(self, location: str, top_k: int, max_length: int, dtype: str = "auto",
                  tensor_parallel_size: int = 1, seed: int = 0):
+        # vLLM logs every engine step at INFO; smoothkd's progress bar says what is happening.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:
             from vllm import LLM
             from vllm.platforms import current_platform

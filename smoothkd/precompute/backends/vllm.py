@@ -108,8 +108,12 @@ class VLLMTeacher:
         self.stop_ids = stop_ids(self.tokenizer, generation_config)
         self.revision = getattr(config, "_commit_hash", None)
         self.top_k = top_k
+        gpu: dict[str, Any] = {} if cpu else {
+            # vLLM sizes its KV cache without the prompt log-probs' logits peak (scheduled tokens x
+            # vocabulary x 6 bytes, 7.5 GiB at 8k tokens and a 152k vocabulary: vllm#5907, #52054).
+            "gpu_memory_utilization": 0.8}
         self.llm = LLM(
-            model=location, tokenizer=location, dtype=dtype, seed=seed,
+            model=location, tokenizer=location, dtype=dtype, seed=seed, **gpu,
             max_model_len=max_length, tensor_parallel_size=tensor_parallel_size,
             max_logprobs=top_k, logprobs_mode="raw_logprobs",  # log-softmax of the unprocessed logits
             # Prompt log-probs need every prompt position computed, not read from the prefix cache.

@@ -88,3 +88,16 @@ def need(module: str):
         if os.environ.get("SMOOTHKD_REQUIRE_EXTRAS") == "1":
             pytest.fail(f"{module} is not installed but SMOOTHKD_REQUIRE_EXTRAS=1: {e}")
         pytest.skip(f"optional extra not installed: {module}")
+
+
+def dies_at_call(fn, n: int):
+    """`fn`, but the n-th call raises KeyboardInterrupt: a run killed at a known point."""
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+
+    return wrapped

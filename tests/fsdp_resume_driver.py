@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from conftest import dies_at_call
 from smoothkd.distill import trainer
 from smoothkd.distill.config import DistillConfig
 
@@ -17,15 +18,8 @@ def main(model: str, store: str, out: str) -> None:
                              max_steps=6, save_every=2, alpha=0.5, fsdp=True, resume=resume)
 
     trainer.run(cfg("full"), show_progress=False)
-    real, calls = trainer.loss_step, {"n": 0}
-
-    def dies_in_step_four(*args, **kwargs):  # two micro-batches per step: call 7 is in step 4
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    trainer.loss_step = dies_in_step_four
+    real = trainer.loss_step
+    trainer.loss_step = dies_at_call(real, 7)  # two micro-batches per step: call 7 is in step 4
     try:
         trainer.run(cfg("cut"), show_progress=False)
         raise SystemExit("the run was not interrupted")

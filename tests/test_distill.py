@@ -23,7 +23,7 @@ from smoothkd.precompute.config import PrecomputeConfig
 from smoothkd.precompute.run import run as precompute
 from smoothkd.storage_schemas import SoftLabelStore
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, dies_at_call
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +109,8 @@ def test_epoch_covers_every_train_sequence_once_and_skips_heldout(tiny_model, st
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_model, store, tmp_path, monkeypatch):
     run(cfg(tiny_model, store, tmp_path / "full", max_steps=6, save_every=2, grad_accum=2), show_progress=False)
-    real, calls = trainer.loss_step, {"n": 0}
-
-    def dies_in_step_four(*args, **kwargs):  # two micro-batches per step: call 7 is in step 4
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "loss_step", dies_in_step_four)
+    real = trainer.loss_step
+    monkeypatch.setattr(trainer, "loss_step", dies_at_call(real, 7))  # 2 micro-batches a step: in step 4
     with pytest.raises(KeyboardInterrupt):
         run(cfg(tiny_model, store, tmp_path / "cut", max_steps=6, save_every=2, grad_accum=2), show_progress=False)
     monkeypatch.setattr(trainer, "loss_step", real)

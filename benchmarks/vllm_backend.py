@@ -45,7 +45,7 @@ def compare(a: list[TopKLabels], b: list[TopKLabels]) -> dict[str, float]:
             db = dict(zip(lb.ids[j].tolist(), lb.logprobs[j].tolist()))
             shared = da.keys() & db.keys()
             overlap += len(shared) / len(da)
-            lp = max(lp, max(abs(da[t] - db[t]) for t in shared))
+            lp = max(lp, max((abs(da[t] - db[t]) for t in shared), default=0.0))
             n += 1
         true = max(true, float(np.abs(la.true_logprob - lb.true_logprob).max()))
         tail = max(tail, float(np.abs(la.tail - lb.tail).max()))

@@ -164,13 +164,21 @@ def load_tokenizer(location: str) -> Any:
         raise SmoothkdError(f"cannot load a tokenizer from {location}: {e}") from e
 
 
-def load_causal_lm(location: str, dtype: str = "auto", device: str = "auto", attn_implementation: str | None = None) -> Any:
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """'auto' device: cuda when there is one; 'auto' dtype: bfloat16 on GPUs that have it, else float32."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    return device, dtype
+
+
+def load_causal_lm(location: str, dtype: str = "auto", device: str = "auto", attn_implementation: str | None = None) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device, dtype = resolve_device_dtype(device, dtype)
     try:
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype), **extra)

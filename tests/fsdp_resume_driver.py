@@ -1,4 +1,4 @@
-"""Run under torchrun by test_distill: an FSDP run, the same run killed in step 4 on every rank
+"""Run under torchrun by test_distill: an FSDP run, the same run killed mid-step 4 on every rank
 and resumed, so the test can compare them (not a test module itself)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def main(model: str, store: str, out: str) -> None:
 
     trainer.run(cfg("full"), show_progress=False)
     real = trainer.loss_step
-    trainer.loss_step = dies_at_call(real, 7)  # two micro-batches per step: call 7 is in step 4
+    trainer.loss_step = dies_at_call(real, 8)  # two micro-batches a step: step 4's second
     try:
         trainer.run(cfg("cut"), show_progress=False)
         raise SystemExit("the run was not interrupted")

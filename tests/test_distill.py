@@ -110,7 +110,8 @@ def test_epoch_covers_every_train_sequence_once_and_skips_heldout(tiny_model, st
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_model, store, tmp_path, monkeypatch):
     run(cfg(tiny_model, store, tmp_path / "full", max_steps=6, save_every=2, grad_accum=2), show_progress=False)
     real = trainer.loss_step
-    monkeypatch.setattr(trainer, "loss_step", dies_at_call(real, 7))  # 2 micro-batches a step: in step 4
+    # two micro-batches a step: call 8 is step 4's second, after its first has added gradients
+    monkeypatch.setattr(trainer, "loss_step", dies_at_call(real, 8))
     with pytest.raises(KeyboardInterrupt):
         run(cfg(tiny_model, store, tmp_path / "cut", max_steps=6, save_every=2, grad_accum=2), show_progress=False)
     monkeypatch.setattr(trainer, "loss_step", real)
@@ -273,8 +274,29 @@ def test_fsdp_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_model
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_fsdp_toggled_is_refused_before_loading(tiny_model, store, tmp_path):
+    run(cfg(tiny_model, store, tmp_path / "r", max_steps=2), show_progress=False)
+    with pytest.raises(SmoothkdError, match=r"fsdp: False -> True"):
+        run(cfg(tiny_model, store, tmp_path / "r", max_steps=2, resume=True, fsdp=True), show_progress=False)
+
+
 def test_fsdp_needs_several_processes_and_no_lora(tiny_model, store, tmp_path):
     with pytest.raises(SmoothkdError, match="start it under torchrun"):
         run(cfg(tiny_model, store, tmp_path / "a", fsdp=True), show_progress=False)
     with pytest.raises(SmoothkdError, match="--fsdp with --lora"):
         run(cfg(tiny_model, store, tmp_path / "b", fsdp=True, lora=True), show_progress=False)
+
+
+def test_accelerate_launch_runs_the_same_distributed_training(tiny_model, store, tmp_path):
+    """`accelerate launch --multi_gpu` starts the same torch.distributed processes (here 2 on the CPU)."""
+    out = tmp_path / "acc"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "smoothkd.cli", "distill", "student", "--model", str(tiny_model), "--store", str(store),
+           "--out", str(out), "--batch-size", "2", "--max-steps", "2", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [log(out), log(out, "log-rank1.jsonl")]
+    assert [len(x) for x in logs] == [2, 2]
+    assert not set(logs[0][0]["seqs"]) & set(logs[1][0]["seqs"])  # disjoint slices
+    assert json.loads((out / "smoothkd_run.json").read_text())["summary"]["steps"] == 2

@@ -30,8 +30,6 @@ def test_tail_from_topk_only_matches_the_exact_tail():
     logp = torch.log_softmax(logits, -1)
     top = logp.topk(K, -1).values
     exact = 1 - top.exp().sum(-1)  # float64 reference
-    exact_outside = logp.exp().sum(-1) - top.exp().sum(-1)
-    assert torch.allclose(exact, exact_outside, atol=1e-12)
     got = tail_from_topk(top.float().numpy())  # from float32 log-probs, as vLLM returns them
     assert got.dtype == np.float64 and np.all(got >= 0) and np.all(got <= 1)
     assert np.abs(got - exact.numpy()).max() < 1e-6
@@ -66,7 +64,8 @@ def vllm_teacher(smollm2, tmp_path_factory):
     teacher.llm.llm_engine.engine_core.shutdown()
 
 
-def test_flat_logprobs_layout_is_checked(vllm_teacher):
+def test_flat_logprobs_layout_is_checked():
+    need("vllm")
     from vllm.logprobs import FlatLogprobs, Logprob
 
     flat = FlatLogprobs()
@@ -94,6 +93,9 @@ def test_vllm_labels_match_transformers_in_float32(vllm_teacher, smollm2, dolly)
     for r in load_records(str(dolly), limit=4).records:
         p = fmt.prompt_ids(r)
         work.append((p + fmt.response_ids(r, p, r.response), len(p)))
+    # and one sequence exactly as long as the engine's --max-length (what --overlong truncate makes)
+    filler = [t for tokens, _ in work * 8 for t in tokens]
+    work.append((filler[:MAX_LENGTH], len(work[0][0])))
     for a, b in zip(hf.score(work, K), vllm_teacher.score(work, K)):
         assert a.ids.shape == b.ids.shape and b.logprobs.dtype == np.float32
         assert (a.ids == b.ids).mean() > 0.95  # same order but for near-ties

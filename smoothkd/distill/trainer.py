@@ -28,7 +28,7 @@ from smoothkd.distill.config import DistillConfig, _layer_range
 from smoothkd.distill.data import Batch, StoreDataset
 from smoothkd.distill.losses import LOSSES, student_logprobs
 from smoothkd.errors import SmoothkdError
-from smoothkd.models import load_causal_lm, load_tokenizer, resolve, tokenizer_fingerprint
+from smoothkd.models import load_causal_lm, load_tokenizer, resolve, resolve_device_dtype, tokenizer_fingerprint
 from smoothkd.storage_schemas import SoftLabelStore
 
 RUN_FILE = "smoothkd_run.json"
@@ -87,18 +87,21 @@ def _fsdp_options(**kw: Any) -> Any:
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
-def _shard(model: Any) -> None:
+def _shard(model: Any, device: str) -> None:
     """FSDP2: each transformer block is one unit of sharding (HF names them in _no_split_modules),
-    the rest (embeddings, final norm, head, tied or not) the root unit."""
+    the rest (embeddings, final norm, head, tied or not) the root unit. The shards land on
+    `device`'s type (fully_shard moves a CPU-loaded module there)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     units = [m for m in model.modules() if type(m).__name__ in blocks]
     if not units:
         raise SmoothkdError(f"--fsdp: {type(model).__name__} names no transformer block class (_no_split_modules)")
+    mesh = init_device_mesh(torch.device(device).type, (torch.distributed.get_world_size(),))
     for m in units:
-        fully_shard(m)
-    fully_shard(model)
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def _training_state(model: Any, opt: Any, fsdp: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -193,6 +196,13 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
     if (out / RUN_FILE).exists() or _latest_checkpoint(out) is not None:
         if not cfg.resume:
             raise SmoothkdError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    identity = _run_identity(cfg, world)
+    checkpoint = _latest_checkpoint(out) if cfg.resume else None
+    if checkpoint is not None:  # before anything loads: a changed option can change the saved state's layout
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())["run"]
+        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in identity.items() if saved.get(k) != v]
+        if changed:
+            raise SmoothkdError(f"--resume with options that differ from the run in {out}:\n  " + "\n  ".join(changed))
     location = resolve(cfg.model)
     tokenizer = load_tokenizer(location)
     want, have = store.manifest.tokenizer.get("fingerprint"), tokenizer_fingerprint(tokenizer)
@@ -204,7 +214,10 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
     device_name = cfg.device
     if world > 1 and device_name == "auto" and torch.cuda.is_available():
         device_name = f"cuda:{local_rank}"  # one GPU per process
-    model = load_causal_lm(location, dtype=cfg.dtype, device=device_name)
+    device_name, dtype = resolve_device_dtype(device_name, cfg.dtype)
+    # FSDP: each rank loads the whole student into host memory and fully_shard moves only its
+    # shards to the GPU, one block at a time, so the student need not fit one GPU.
+    model = load_causal_lm(location, dtype=dtype, device="cpu" if cfg.fsdp else device_name)
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab < store.manifest.vocab_size:
         raise SmoothkdError(f"the student's vocabulary ({vocab}) is smaller than the store's ({store.manifest.vocab_size})")
@@ -215,7 +228,6 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = StoreDataset(store, list(cfg.sources), pad_id=int(pad or 0))
     # Rank 0 has the most batches; a rank with one fewer pads its epoch with a zero-weight
@@ -232,18 +244,14 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
         if world < 2:
             raise SmoothkdError("--fsdp shards the student over processes: start it under torchrun or "
                                 "accelerate launch with 2 or more")
-        _shard(model)  # before the optimizer: it must hold the sharded parameters
+        _shard(model, device_name)  # before the optimizer: it must hold the sharded parameters
+    device = torch.device(device_name)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_steps))
-    identity = _run_identity(cfg, world)
     state = {"step": 0, "epoch": 0, "batches_done": 0, "run": identity}
-    checkpoint = _latest_checkpoint(out)
-    if cfg.resume and checkpoint is not None:
+    if checkpoint is not None:
         state = _load_checkpoint(checkpoint, model, opt, sched, cfg.fsdp)
-        changed = [f"{k}: {state['run'].get(k)!r} -> {v!r}" for k, v in identity.items() if state["run"].get(k) != v]
-        if changed:
-            raise SmoothkdError(f"--resume with options that differ from the run in {out}:\n  " + "\n  ".join(changed))
         log(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
     train_model = model
     if world > 1 and not cfg.fsdp:
@@ -325,9 +333,9 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
 
             full = get_model_state_dict(model, options=_fsdp_options())
             # Tied weights come back as separate copies under each name: keep one, as HF does.
-            canonical = {n for n, _ in model.named_parameters()}
-            full = {k: v for k, v in full.items()
-                    if k in canonical or k not in {n for n, _ in model.named_parameters(remove_duplicate=False)}}
+            aliases = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
+                       - {n for n, _ in model.named_parameters()})
+            full = {k: v for k, v in full.items() if k not in aliases}
         if rank == 0:
             _save_final(out, model, tokenizer, cfg, store, summary, full)
     if world > 1:

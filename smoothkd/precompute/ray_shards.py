@@ -60,8 +60,9 @@ def run_on_ray(cfg: PrecomputeConfig, n_shards: int, log: Callable[[str], None] 
             i = refs[done[0]]
             try:
                 results[i] = ray.get(done[0])
-            except ray.exceptions.RayTaskError as e:
-                cause = e.cause if isinstance(e.cause, SmoothkdError) else e
+            except ray.exceptions.RayError as e:  # the task raised, or its worker died (OOM, crash)
+                cause = getattr(e, "cause", None)
+                cause = cause if isinstance(cause, SmoothkdError) else e
                 raise SmoothkdError(f"shard {i}/{n_shards} failed (the other shards' committed parts stay; "
                                     f"re-run the same command to finish): {cause}") from e
             log(f"ray: shard {i}/{n_shards} done ({len(results)} of {n_shards}): "

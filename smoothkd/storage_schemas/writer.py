@@ -136,11 +136,20 @@ class StoreWriter:
                 self.loc.remove()
             try:
                 self._create()
-                return
-            except ContainsGroupError:
+            except ContainsGroupError:  # another writer created it between our look and our write
                 if last:
-                    raise
+                    raise StoreError(f"{self.loc.url}: another writer keeps creating the store; try again")
                 time.sleep(CREATE_WAIT_SECONDS)
+                continue
+            # zarr's "w-" checks, then writes: two writers can both pass the check, and the last
+            # write wins. Read back what won and refuse if it is another build.
+            won = read_manifest(self.loc)
+            diff = spec.identity_diff(won.identity(), self.manifest.identity())
+            if diff:
+                raise StoreError(f"{self.loc.url} was created at the same moment by a run built differently; "
+                                 "refusing to mix them:\n  " + "\n  ".join(diff))
+            self.manifest = won
+            return
 
     def _create(self) -> None:
         manifest = spec.Manifest.from_json({
@@ -149,7 +158,7 @@ class StoreWriter:
             "tool": {"name": "smoothkd", "version": __version__},
         })
         # One write of the root metadata, manifest included: a concurrent shard never sees a
-        # root group without its manifest. "w-": fail, not overwrite, if one beat us to it.
+        # root group without its manifest. "w-": fail if one is already there.
         zarr.open_group(self.loc.zarr_store(), mode="w-", zarr_format=3,
                         attributes={spec.MANIFEST_KEY: manifest.to_json()})
         self.manifest = manifest

@@ -114,10 +114,11 @@ class VLLMTeacher:
             "gpu_memory_utilization": 0.8}
         self.llm = LLM(
             model=location, tokenizer=location, dtype=dtype, seed=seed, **gpu,
-            max_model_len=max_length, tensor_parallel_size=tensor_parallel_size,
+            # +1: vLLM wants room for one output token even when it only scores a prompt, and a
+            # sequence may be exactly --max-length long. (Requests with prompt log-probs skip
+            # reading the prefix cache by themselves; greedy generation still uses it.)
+            max_model_len=max_length + 1, tensor_parallel_size=tensor_parallel_size,
             max_logprobs=top_k, logprobs_mode="raw_logprobs",  # log-softmax of the unprocessed logits
-            # Prompt log-probs need every prompt position computed, not read from the prefix cache.
-            enable_prefix_caching=False,
             enforce_eager=cpu,  # CUDA graphs pay off on GPU; on CPU compiling costs minutes at start
         )
         model_config = self.llm.llm_engine.model_config

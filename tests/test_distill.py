@@ -274,6 +274,17 @@ def test_fsdp_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_model
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_of_a_run_saved_before_an_option_existed_takes_its_default(tiny_model, store, tmp_path):
+    out = tmp_path / "r"
+    run(cfg(tiny_model, store, out, max_steps=2, save_every=1), show_progress=False)
+    path = out / "checkpoint" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    del state["run"]["fsdp"]  # as written by smoothkd before --fsdp
+    path.write_text(json.dumps(state))
+    summary = run(cfg(tiny_model, store, out, max_steps=2, save_every=1, resume=True), show_progress=False)
+    assert summary["steps"] == 2
+
+
 def test_resume_with_fsdp_toggled_is_refused_before_loading(tiny_model, store, tmp_path):
     run(cfg(tiny_model, store, tmp_path / "r", max_steps=2), show_progress=False)
     with pytest.raises(SmoothkdError, match=r"fsdp: False -> True"):

@@ -200,6 +200,8 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
     checkpoint = _latest_checkpoint(out) if cfg.resume else None
     if checkpoint is not None:  # before anything loads: a changed option can change the saved state's layout
         saved = json.loads((checkpoint / "trainer_state.json").read_text())["run"]
+        # An option added since that run was saved had its default then.
+        saved = {**dataclasses.asdict(DistillConfig()), **saved}
         changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in identity.items() if saved.get(k) != v]
         if changed:
             raise SmoothkdError(f"--resume with options that differ from the run in {out}:\n  " + "\n  ".join(changed))

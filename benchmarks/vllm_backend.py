@@ -27,10 +27,11 @@ import numpy as np
 
 from smoothkd.models import resolve
 from smoothkd.precompute.backends.hf import HFTeacher
+from smoothkd.precompute.backends.vllm import VLLMTeacher  # imports vLLM only when an engine is built
 from smoothkd.precompute.config import PrecomputeConfig
 from smoothkd.precompute.prompts import PromptFormatter
 from smoothkd.precompute.records import load_records
-from smoothkd.precompute.run import run
+from smoothkd.precompute.run import PartPipeline, Summary, run
 from smoothkd.storage_schemas import SoftLabelStore
 from smoothkd.storage_schemas.spec import TopKLabels
 
@@ -63,7 +64,6 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from smoothkd.precompute.backends.vllm import VLLMTeacher
 
     location = resolve(args.model)
     dataset = str(REPO / "data" / "dolly" / "dolly_sample.jsonl")
@@ -75,31 +75,28 @@ def main() -> None:
     vl = VLLMTeacher(location, top_k=args.top_k, max_length=args.max_length, dtype=args.dtype)
     startup = time.perf_counter() - t0
 
-    records = load_records(dataset, limit=args.limit).records
-    formatter = PromptFormatter(hf.tokenizer, hf.stop_ids)
-    work = []
-    for r in records:
-        p = formatter.prompt_ids(r)
-        work.append((p + formatter.response_ids(r, p, r.response), len(p)))
-    work = [w for w in work if len(w[0]) <= args.max_length]
-    order = sorted(range(len(work)), key=lambda i: -len(work[i][0]))
-    supervised = sum(len(t) - p for t, p in work)
-    total_tokens = sum(len(t) for t, _ in work)
+    def pipeline(teacher: HFTeacher | VLLMTeacher, batch_size: int | None) -> PartPipeline:
+        """Precompute's own sequence building and batched scoring, for one backend."""
+        cfg = PrecomputeConfig(out="", backend=teacher.name, batch_size=batch_size, **{**common, "augment": []})
+        return PartPipeline(cfg, teacher, PromptFormatter(teacher.tokenizer, teacher.stop_ids), Summary(out=""),
+                            advance=lambda *a: None)
 
-    vl.score(work[:2], args.top_k)  # warm-up, both
-    hf.score(work[:2], args.top_k)
+    hf_pipe, vl_pipe = pipeline(hf, args.batch_size), pipeline(vl, None)  # vLLM: its default, all at once
+    records = load_records(dataset, limit=args.limit).records
+    seqs = hf_pipe.sequences(records)  # what precompute scores: chat template, --max-length applied
+    supervised = sum(len(s.response_ids) for s in seqs)
+    total_tokens = sum(len(s.tokens) for s in seqs)
+
+    vl_pipe.score(seqs[:2])  # warm-up, both
+    hf_pipe.score(seqs[:2])
     t0 = time.perf_counter()
-    hf_labels: list = [None] * len(work)
-    for b in range(0, len(order), args.batch_size):
-        batch = order[b : b + args.batch_size]
-        for i, lab in zip(batch, hf.score([work[i] for i in batch], args.top_k)):
-            hf_labels[i] = lab
+    hf_labels = hf_pipe.score(seqs)
     hf_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    vl_labels = vl.score(work, args.top_k)
+    vl_labels = vl_pipe.score(seqs)
     vl_s = time.perf_counter() - t0
 
-    print(f"{len(work)} sequences, {total_tokens:,} tokens ({supervised:,} supervised), top-k {args.top_k}, "
+    print(f"{len(seqs)} sequences, {total_tokens:,} tokens ({supervised:,} supervised), top-k {args.top_k}, "
           f"{args.dtype}; vLLM engine start-up {startup:.1f} s")
     print(f"scoring  hf:   {hf_s:7.1f} s  {total_tokens / hf_s:8,.0f} tok/s  ({supervised / hf_s:,.0f} supervised/s)")
     print(f"scoring  vllm: {vl_s:7.1f} s  {total_tokens / vl_s:8,.0f} tok/s  ({supervised / vl_s:,.0f} supervised/s)")
@@ -117,6 +114,10 @@ def main() -> None:
                   f"{s.supervised_tokens:,} supervised tokens (with greedy augmentation)")
         print(f"precompute vllm / hf speed: {walls['hf'] / walls['vllm']:.2f}")
         a, b = SoftLabelStore(f"{tmp}/hf"), SoftLabelStore(f"{tmp}/vllm")
+        t = b.table()
+        greedy = sum(n for n, src in zip(t["n_labels"].to_pylist(), t["source"].to_pylist()) if src == "teacher_greedy")
+        print(f"greedy responses: {greedy / len(records):.1f} generated tokens per record (--max-new-tokens "
+              f"{args.max_new_tokens})")
         same_text = a.table()["response"].to_pylist() == b.table()["response"].to_pylist()
         print(f"stores: same rows and greedy responses: {same_text}; quantum {2 * a.manifest.encoding.max_error:.4f}")
         if same_text:

@@ -28,8 +28,7 @@ def _run_shard(cfg: PrecomputeConfig) -> dict[str, Any]:
     return run(cfg, show_progress=False, log=lambda m: print(f"[shard {cfg.shard}] {m}", flush=True)).to_json()
 
 
-def run_on_ray(cfg: PrecomputeConfig, n_shards: int, log: Callable[[str], None] = print,
-               gpus_per_shard: float | None = None, cpus_per_shard: float = 1) -> Summary:
+def run_on_ray(cfg: PrecomputeConfig, n_shards: int, log: Callable[[str], None] = print) -> Summary:
     """Run every shard as a Ray task; their summaries added up (seconds: the wall time of all)."""
     if n_shards < 1:
         raise SmoothkdError(f"--ray-shards must be at least 1, got {n_shards}")
@@ -48,9 +47,8 @@ def run_on_ray(cfg: PrecomputeConfig, n_shards: int, log: Callable[[str], None] 
     if started_here:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
     try:
-        if gpus_per_shard is None:
-            gpus_per_shard = float(cfg.tensor_parallel_size) if ray.cluster_resources().get("GPU", 0) else 0.0
-        task = ray.remote(num_gpus=gpus_per_shard, num_cpus=cpus_per_shard, max_retries=0)(_run_shard)
+        gpus_per_shard = float(cfg.tensor_parallel_size) if ray.cluster_resources().get("GPU", 0) else 0.0
+        task = ray.remote(num_gpus=gpus_per_shard, num_cpus=1, max_retries=0)(_run_shard)
         refs = {task.remote(dataclasses.replace(cfg, shard=f"{i}/{n_shards}")): i for i in range(n_shards)}
         log(f"ray: {n_shards} shard task(s), {gpus_per_shard:g} GPU each, writing {cfg.out}")
         results: dict[int, dict[str, Any]] = {}

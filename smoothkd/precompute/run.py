@@ -122,10 +122,9 @@ class PartPipeline:
             for i, g in zip(batch, self.teacher.generate([prompts[i] for i in batch], max_new, self.cfg.top_k)):
                 ids = g.ids[: room[i]]
                 text = self.teacher.tokenizer.decode(ids, skip_special_tokens=True)
-                labels = None if g.labels is None else spec.TopKLabels(*(a[: len(ids)] for a in (
-                    g.labels.ids, g.labels.logprobs, g.labels.true_logprob, g.labels.tail)))
                 out[i] = Sequence(records[i], "teacher_greedy", prompts[i], ids, text,
-                                  truncated=not g.finished or len(ids) < len(g.ids), labels=labels)
+                                  truncated=not g.finished or len(ids) < len(g.ids),
+                                  labels=None if g.labels is None else g.labels.head(len(ids)))
             self.advance("generating", len(batch), 0)
         self.advance("generating", len(records) - len(order), 0)
         return out

@@ -170,6 +170,10 @@ class TopKLabels:
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
+    def head(self, n: int) -> TopKLabels:
+        """The first n rows (labels of a response cut to n tokens)."""
+        return TopKLabels(**{f.name: getattr(self, f.name)[:n] for f in dataclasses.fields(self)})
+
 
 @dataclass(frozen=True)
 class SequenceLabels:

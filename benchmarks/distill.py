@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
+from smoothkd.batches import Batch, StoreDataset, TeacherTopK
 from smoothkd.distill.config import DistillConfig
-from smoothkd.distill.data import Batch, StoreDataset
-from smoothkd.distill.losses import TeacherTopK
 from smoothkd.distill.trainer import loss_step
 from smoothkd.models import load_causal_lm, resolve
 from smoothkd.precompute.config import PrecomputeConfig
@@ -62,7 +61,7 @@ def peak_memory(store: str, alpha: float, steps: int, batch_size: int, model: st
     code = f"""
 import resource, torch, json
 from smoothkd.distill.config import DistillConfig
-from smoothkd.distill.data import StoreDataset
+from smoothkd.batches import StoreDataset
 from smoothkd.distill.trainer import loss_step
 from smoothkd.models import load_causal_lm, resolve
 from smoothkd.storage_schemas import SoftLabelStore

@@ -27,7 +27,7 @@ from smoothkd.precompute.backends.hf import HFTeacher
 from smoothkd.precompute.config import PrecomputeConfig
 from smoothkd.precompute.prompts import PromptFormatter
 from smoothkd.precompute.records import load_records
-from smoothkd.precompute.run import PartPipeline, Summary, run
+from smoothkd.precompute.run import PartPipeline, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,10 +36,10 @@ def batches(cfg: PrecomputeConfig, teacher: HFTeacher) -> list[list[tuple[list[i
     """The (tokens, prompt_len) batches that precompute scores, in its order."""
     records = load_records(cfg.dataset, limit=cfg.limit).records
     pipeline = PartPipeline(cfg, teacher, PromptFormatter(teacher.tokenizer, teacher.stop_ids),
-                            Summary(out=""), advance=lambda n: None)
+                            advance=lambda *a: None)
     out = []
     for p in range(0, len(records), cfg.part_size):
-        seqs = pipeline.sequences(records[p : p + cfg.part_size])
+        seqs, _ = pipeline.sequences(records[p : p + cfg.part_size])
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].tokens))
         for b in range(0, len(order), cfg.batch_size):
             out.append([(seqs[i].tokens, len(seqs[i].prompt_ids)) for i in order[b : b + cfg.batch_size]])

@@ -39,7 +39,7 @@ def main() -> None:
                                top_k=args.top_k, limit=args.limit)
         summary = run(cfg, show_progress=True)
         store = SoftLabelStore(str(out))
-        assert verify_store(store)["ok"]
+        assert verify_store(store).ok
         n_sup = store.n_supervised_tokens
 
         by_kind: dict[str, int] = defaultdict(int)

@@ -31,7 +31,7 @@ from smoothkd.precompute.backends.vllm import VLLMTeacher  # imports vLLM only w
 from smoothkd.precompute.config import PrecomputeConfig
 from smoothkd.precompute.prompts import PromptFormatter
 from smoothkd.precompute.records import load_records
-from smoothkd.precompute.run import PartPipeline, Summary, run
+from smoothkd.precompute.run import PartPipeline, run
 from smoothkd.storage_schemas import SoftLabelStore
 from smoothkd.storage_schemas.spec import TopKLabels
 
@@ -78,22 +78,21 @@ def main() -> None:
     def pipeline(teacher: HFTeacher | VLLMTeacher, batch_size: int | None) -> PartPipeline:
         """Precompute's own sequence building and batched scoring, for one backend."""
         cfg = PrecomputeConfig(out="", backend=teacher.name, batch_size=batch_size, **{**common, "augment": []})
-        return PartPipeline(cfg, teacher, PromptFormatter(teacher.tokenizer, teacher.stop_ids), Summary(out=""),
-                            advance=lambda *a: None)
+        return PartPipeline(cfg, teacher, PromptFormatter(teacher.tokenizer, teacher.stop_ids), advance=lambda *a: None)
 
     hf_pipe, vl_pipe = pipeline(hf, args.batch_size), pipeline(vl, None)  # vLLM: its default, all at once
     records = load_records(dataset, limit=args.limit).records
-    seqs = hf_pipe.sequences(records)  # what precompute scores: chat template, --max-length applied
+    seqs, _ = hf_pipe.sequences(records)  # what precompute scores: chat template, --max-length applied
     supervised = sum(len(s.response_ids) for s in seqs)
     total_tokens = sum(len(s.tokens) for s in seqs)
 
     vl_pipe.score(seqs[:2])  # warm-up, both
     hf_pipe.score(seqs[:2])
     t0 = time.perf_counter()
-    hf_labels = hf_pipe.score(seqs)
+    hf_labels, _ = hf_pipe.score(seqs)
     hf_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    vl_labels = vl_pipe.score(seqs)
+    vl_labels, _ = vl_pipe.score(seqs)
     vl_s = time.perf_counter() - t0
 
     print(f"{len(seqs)} sequences, {total_tokens:,} tokens ({supervised:,} supervised), top-k {args.top_k}, "

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from smoothkd.storage_schemas.spec import TopKLabels
+from smoothkd.tokens import pad_batch
 
 
 @dataclass(frozen=True)
@@ -24,24 +25,6 @@ def stop_ids(tokenizer: Any, generation_config: Any) -> set[int]:
     gen_eos = getattr(generation_config, "eos_token_id", None)
     ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
     return {int(i) for i in ids if i is not None}
-
-
-def pad_id(tokenizer: Any, stops: set[int]) -> int:
-    pad = tokenizer.pad_token_id
-    return int(pad if pad is not None else min(stops, default=0))
-
-
-def pad_batch(rows: list[list[int]], pad: int, left: bool, device: torch.device | str = "cpu"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask [b, L]; left padding lines new tokens up at the end."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        span = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, span] = torch.tensor(r, dtype=torch.long)
-        mask[i, span] = 1
-    return ids.to(device), mask.to(device)
 
 
 def greedy(model: Any, prompts: list[list[int]], max_new_tokens: int, stops: set[int], pad: int) -> list[Generation]:

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer.rich_utils
 import zarr
 from typer.testing import CliRunner
 
+import smoothkd.distill.trainer
+import smoothkd.precompute.run
 from smoothkd.cli import app
+from smoothkd.cli_options import flag
+from smoothkd.distill.config import DistillConfig
+from smoothkd.errors import SmoothkdError
+from smoothkd.options import COMMA_LIST, EXISTING_FILE, default_of
+from smoothkd.precompute.config import FIELD_MAP, PrecomputeConfig
 from smoothkd.storage_schemas import SoftLabelStore
 
 from conftest import write_jsonl
@@ -55,6 +66,13 @@ def test_store_info_json_reports_counts_and_size(store):
     assert info["top_k"] == 8
     assert info["bytes_on_disk"] == sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
     assert info["bytes_per_supervised_token"] == pytest.approx(info["bytes_on_disk"] / info["n_supervised_tokens"])
+    assert list(info) == [  # the keys scripts read: keep them
+        "url", "format", "schema_version", "label_kind", "teacher", "top_k", "vocab_size", "id_dtype",
+        "logprob_encoding", "n_parts", "n_uncommitted_parts", "n_expected_parts", "missing_parts", "complete",
+        "n_sequences", "n_tokens", "n_supervised_tokens", "supervised_tokens_by_source", "supervised_tokens_by_split",
+        "dropped_sequences", "truncated_sequences", "bytes_on_disk", "bytes_per_supervised_token", "dataset", "build",
+        "tokenizer", "created", "tool"]
+    assert info == s.info().to_json()
     text = runner.invoke(app, ["store", "info", str(store)])
     assert text.exit_code == 0 and "bytes / supervised token" in text.output and "top-k" in text.output
 
@@ -85,6 +103,12 @@ def test_store_verify_exit_code_follows_faults(store, tmp_path):
     result = runner.invoke(app, ["store", "verify", str(bad)])
     assert result.exit_code == 1
     assert "part-000001/tail" in result.stderr
+    report = json.loads(runner.invoke(app, ["store", "verify", str(bad), "--json"]).stdout)
+    assert list(report) == ["url", "ok", "faults", "warnings", "checked"] and not report["ok"]
+    n_supervised = SoftLabelStore(str(bad)).n_supervised_tokens
+    assert report["checked"] == {"parts": 2, "sequences": 4, "supervised_tokens": n_supervised}
+    fault = next(f for f in report["faults"] if f["array"] == "tail")
+    assert fault == {"part": "part-000001", "array": "tail", "message": "values outside [0, 1]"}
 
 
 def test_malformed_jsonl_names_the_line(tiny_model, tmp_path):
@@ -133,7 +157,7 @@ def test_out_holding_another_store_is_refused_unless_overwrite(tiny_model, dolly
     fails_with(precompute(tiny_model, dolly, out, "--limit", "4", "--top-k", "4"),
                "built differently", "top_k: store has 8, this run has 4", "--overwrite")
     after = SoftLabelStore(str(out)).info()
-    assert after["n_sequences"] == before["n_sequences"] and after["bytes_on_disk"] == before["bytes_on_disk"]
+    assert after.n_sequences == before.n_sequences and after.bytes_on_disk == before.bytes_on_disk
     result = precompute(tiny_model, dolly, out, "--limit", "4", "--top-k", "4", "--overwrite")
     assert result.exit_code == 0, result.stderr
     assert SoftLabelStore(str(out)).manifest.top_k == 4
@@ -177,3 +201,73 @@ def test_limit_stops_before_a_bad_line(tiny_model, tmp_path):
     result = precompute(tiny_model, data, tmp_path / "out", "--limit", "2")
     assert result.exit_code == 0, result.stderr
     assert SoftLabelStore(str(tmp_path / "out")).n_sequences == 2
+
+
+# The commands whose options are generated from a config, and the module whose `run` they call.
+CONFIG_COMMANDS = [(["precompute", "teacher"], PrecomputeConfig, smoothkd.precompute.run),
+                   (["distill", "student"], DistillConfig, smoothkd.distill.trainer)]
+
+
+@pytest.mark.parametrize("command, config, module", CONFIG_COMMANDS)
+def test_help_lists_every_config_field_with_its_help_and_default(command, config, module, monkeypatch):
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 1000)  # one line per option
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for f in dataclasses.fields(config):
+        name, form = flag(f), f.metadata["cli"]
+        [line] = [x for x in lines if re.match(rf"[│\s*]*{name}\s", x)]  # the option's own row
+        assert f.metadata["help"] + (form.note if form else "") in line, line
+        shown = form.show(default_of(f)) if form else default_of(f)
+        if f.metadata["required"]:
+            assert "[required]" in line, line
+        elif isinstance(shown, bool):
+            assert f"[default: {'' if shown else 'no-'}{name[2:]}]" in line, line
+        elif shown in (None, "", []):
+            assert "[default:" not in line, line
+        else:
+            assert f"[default: {shown}]" in line, line
+
+
+def _non_default(f: dataclasses.Field, tmp_path: Path) -> tuple[Any, list[str]]:
+    """A value other than the field's default, and the command-line words that give it."""
+    name, form, value = flag(f), f.metadata["cli"], default_of(f)
+    if form is COMMA_LIST:
+        return ["a", "b"], [name, "a, b"]
+    if form is FIELD_MAP:
+        return {"response": "answer"}, [name, "response=answer"]
+    if form is EXISTING_FILE:
+        (tmp_path / "template.jinja").write_text("{{ messages }}")
+        return str(tmp_path / "template.jinja"), [name, str(tmp_path / "template.jinja")]
+    assert form is None, f"no test value for {name}"
+    if isinstance(value, bool):
+        return not value, [f"--no-{name[2:]}" if value else name]
+    if isinstance(value, list):
+        return ["a", "b"], [name, "a", name, "b"]
+    if isinstance(value, str):
+        return f"x-{f.name}", [name, f"x-{f.name}"]
+    new = value + 0.5 if isinstance(value, float) else (value or 1) + 1
+    return new, [name, str(new)]
+
+
+@pytest.mark.parametrize("command, config, module", CONFIG_COMMANDS)
+def test_every_option_reaches_its_config_field(command, config, module, monkeypatch, tmp_path):
+    expected, args = {}, []
+    for f in dataclasses.fields(config):
+        expected[f.name], words = _non_default(f, tmp_path)
+        args += words
+    seen = []
+
+    def run(cfg: Any, **_: Any) -> None:
+        seen.append(cfg)
+        raise SmoothkdError("stopped before running")
+
+    monkeypatch.setattr(module, "run", run)
+    fails_with(runner.invoke(app, [*command, *args]), "stopped before running")
+    assert seen == [config(**expected)]
+
+
+def test_a_missing_chat_template_file_is_refused(tiny_model, dolly, tmp_path):
+    fails_with(precompute(tiny_model, dolly, tmp_path / "o", "--chat-template", str(tmp_path / "none.jinja")),
+               f"--chat-template {tmp_path / 'none.jinja'}: no such file")
+    assert not (tmp_path / "o").exists()

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from smoothkd.batches import StoreDataset
 from smoothkd.cli import app
 from smoothkd.distill import trainer
 from smoothkd.distill.config import DistillConfig
-from smoothkd.distill.data import StoreDataset
 from smoothkd.distill.trainer import loss_step, run
 from smoothkd.errors import SmoothkdError
 from smoothkd.precompute.config import PrecomputeConfig
@@ -73,6 +77,28 @@ def test_batches_align_student_positions_with_the_stored_teacher_rows(tiny_model
     assert logp.shape[0] == batch.targets.numel() == batch.teacher.ids.shape[0]
     assert torch.allclose(logp.gather(-1, batch.teacher.ids), batch.teacher.logprobs, atol=1 / 128 + 1e-4)
     assert (logp.argmax(-1) == batch.teacher.ids[:, 0]).float().mean() > 0.99
+
+
+def test_a_batch_holds_each_sequence_as_the_reader_returns_it(store):
+    """Batches come from whole decoded parts; the reader's one-sequence read is the reference."""
+    reader = SoftLabelStore(str(store))
+    data = StoreDataset(reader, ["original", "teacher_greedy"], pad_id=-1)
+    batches = data.batches(0, 0, 3)
+    assert any(len(set(data.part[b])) > 1 for b in batches)  # parts of 8 records: a batch spans two
+    for positions in batches:
+        batch = data.load(positions)
+        seqs = [reader.sequence(s) for s in batch.seqs]
+        for row, s in enumerate(seqs):
+            n = len(s.tokens)
+            assert batch.input_ids[row, :n].tolist() == s.tokens.tolist()
+            assert (batch.input_ids[row, n:] == -1).all() and batch.attention_mask[row].sum() == n
+            assert batch.supervised[row].nonzero().flatten().tolist() == list(range(s.prompt_len - 1, n - 1))
+        assert batch.targets.tolist() == np.concatenate([s.targets for s in seqs]).tolist()
+        for field in ("ids", "logprobs", "tail"):
+            want = np.concatenate([getattr(s.labels, field) for s in seqs])
+            got = getattr(batch.teacher, field)
+            assert got.dtype == (torch.long if field == "ids" else torch.float32)
+            assert np.array_equal(got.numpy(), want)
 
 
 def test_logits_at_supervised_positions_only_give_the_same_loss(tiny_model, store):
@@ -282,7 +308,31 @@ def test_resume_of_a_run_saved_before_an_option_existed_takes_its_default(tiny_m
     del state["run"]["fsdp"]  # as written by smoothkd before --fsdp
     path.write_text(json.dumps(state))
     summary = run(cfg(tiny_model, store, out, max_steps=2, save_every=1, resume=True), show_progress=False)
-    assert summary["steps"] == 2
+    assert summary.steps == 2
+
+
+def test_resume_refuses_a_change_to_each_compared_option_and_allows_the_others(tiny_model, store, tmp_path):
+    """Every option not marked resume=False is compared, each before anything loads."""
+    out = tmp_path / "r"
+    base = cfg(tiny_model, store, out, max_steps=2, save_every=1)
+    run(base, show_progress=False)
+    shutil.copytree(store, tmp_path / "same-labels")
+    changed = {"store": str(tmp_path / "same-labels"), "model": "another-student", "loss": "topk_renorm",
+               "sources": ["original", "teacher_greedy"], "freeze": ["embed"]}
+    fields = dataclasses.fields(DistillConfig)
+    for f in fields:
+        if not f.metadata["resume"]:
+            continue
+        old = getattr(base, f.name)
+        new = changed[f.name] if f.name in changed else (not old if isinstance(old, bool) else
+                                                         old + 0.5 if isinstance(old, float) else (old or 1) + 1)
+        with pytest.raises(SmoothkdError, match=re.escape(f"{f.name}: {old!r} -> {new!r}")):
+            run(dataclasses.replace(base, resume=True, **{f.name: new}), show_progress=False)
+    free = {f.name for f in fields if not f.metadata["resume"]}
+    assert free == {"out", "resume", "save_every", "allow_incomplete_store", "dtype", "device"}
+    again = run(dataclasses.replace(base, resume=True, save_every=2, allow_incomplete_store=True, dtype="float32",
+                                    device="cpu"), show_progress=False)
+    assert again.steps == 2 and again.last == {}  # resumed a finished run: nothing to do
 
 
 def test_resume_with_fsdp_toggled_is_refused_before_loading(tiny_model, store, tmp_path):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from smoothkd.evaluate.lookback import lookback_ratios
 from smoothkd.evaluate.summarization import load_articles, load_fc_model
 from smoothkd.precompute.config import PrecomputeConfig
 from smoothkd.precompute.run import run as precompute
+from smoothkd.tokens import document_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 XSUM = REPO / "data" / "xsum" / "xsum_sample.jsonl"
@@ -104,20 +106,64 @@ def test_calibration_matches_a_direct_computation(tiny_model, runs):
         assert per_seq[i]["n_tokens"] == len(x) and per_seq[i]["nll"] == pytest.approx(x.mean().item(), rel=1e-4)
 
 
-def test_cnndm_style_articles_are_read_and_long_articles_cut_to_fit(tiny_model, tmp_path):
-    from smoothkd.evaluate.summarization import prompt_ids
+def test_output_drift_and_the_temperature_scaled_baseline(tiny_model, runs):
+    store, (sft, _) = runs
+    start = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tuned = AutoModelForCausalLM.from_pretrained(sft).eval()
+    same = evaluate_calibration(start, str(store), reference=start)["metrics"]
+    assert same["kl_from_reference"] == pytest.approx(0.0, abs=1e-6)
+    result = evaluate_calibration(tuned, str(store), reference=start)
+    m = result["metrics"]
+    # KL(start || tuned) by hand on the first held-out sequence
+    from smoothkd.storage_schemas import SoftLabelStore
 
+    first = result["examples"][0]
+    seq = SoftLabelStore(str(store)).sequence(first["seq"])
+    with torch.no_grad():
+        ids = torch.from_numpy(seq.tokens)[None]
+        p_ref = torch.log_softmax(start(ids).logits[0], -1)[seq.prompt_len - 1 : -1]
+        p = torch.log_softmax(tuned(ids).logits[0], -1)[seq.prompt_len - 1 : -1]
+    kl = (p_ref.exp() * (p_ref - p)).sum(-1).mean().item()
+    assert m["kl_from_reference"] > 1e-5 and first["kl_from_reference"] == pytest.approx(kl, rel=1e-4)
+    # the fitted temperature minimises NLL, so it cannot do worse than T = 1
+    assert 0.05 <= m["temperature"] <= 20 and m["nll_scaled"] <= m["nll"] + 1e-6 and 0 <= m["ece_scaled"] <= 1
+
+
+def test_general_with_a_reference_reports_forgetting(tiny_model, runs, tmp_path):
+    _, (sft, _) = runs
+    data = Path(__file__).resolve().parents[1] / "data" / "general"
+    args = ["evaluate", "general", "--model", str(sft), "--data-dir", str(data), "--limit", "6",
+            "--tasks", "arc_easy,openbookqa", "--out", str(tmp_path / "g"), "--reference", str(tiny_model)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "g" / "metrics.json").read_text())["metrics"]
+    rows = [json.loads(x) for x in (tmp_path / "g" / "examples.jsonl").read_text().splitlines()]
+    for task in ("arc_easy", "openbookqa", "all"):
+        mine = [r for r in rows if task in ("all", r["task"])]
+        knew = [r for r in mine if r["reference_pred_norm"] == r["gold"]]
+        lost = sum(r["pred_norm"] != r["gold"] for r in knew)
+        f = metrics["forgetting"][task]
+        assert f["n_reference_correct"] == len(knew)
+        assert f["forgotten"] == (pytest.approx(lost / len(knew)) if knew else None)
+    args[args.index("--model") + 1], args[args.index("--out") + 1] = str(tiny_model), str(tmp_path / "s")
+    same = CliRunner().invoke(app, args)
+    assert same.exit_code == 0, same.output
+    f = json.loads((tmp_path / "s" / "metrics.json").read_text())["metrics"]["forgetting"]["all"]
+    assert f["forgotten"] in (0.0, None) and f["learned"] in (0.0, None)
+
+
+def test_cnndm_style_articles_are_read_and_long_articles_cut_to_fit(tiny_model, tmp_path):
     p = tmp_path / "cnndm.jsonl"
     p.write_text(json.dumps({"id": "a1", "article": "( CNN ) word " * 400, "highlights": "Short ."}) + "\n")
     (a,) = load_articles(str(p))
     assert a.id == "a1" and a.reference == "Short ." and a.text.startswith("( CNN )")
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    ids, seen = prompt_ids(tok, a.text, "Summarize.", 200)
+    ids, seen = document_prompt(tok, a.text, "Summarize.", 200)
     assert len(ids) <= 200 and a.text.startswith(seen.rstrip()) and len(seen) < len(a.text)
-    full, whole = prompt_ids(tok, "A short article.", "Summarize.", 200)
+    full, whole = document_prompt(tok, "A short article.", "Summarize.", 200)
     assert whole == "A short article." and len(full) < 200
     with pytest.raises(SmoothkdError, match="leaves no room for the article"):
-        prompt_ids(tok, a.text, "Summarize.", 5)
+        document_prompt(tok, a.text, "Summarize.", 5)
 
 
 def test_summarization_and_compare_report_from_two_runs(runs, tmp_path):
@@ -179,6 +225,54 @@ def test_faithfulness_scores_given_pairs_in_order_and_carries_fields(tmp_path):
     assert r.exit_code == 2 and "pairs.jsonl:1: missing string field 'summary'" in " ".join(r.stderr.split())
 
 
+def test_faithfulness_run_from_its_config_writes_what_the_command_writes(tmp_path):
+    from smoothkd.evaluate import run
+    from smoothkd.evaluate.config import FaithfulnessConfig
+    from smoothkd.run_layout import read_eval
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"article": "Ann met Bob in Paris.", "summary": "Ann met Bob in Rome."}) + "\n")
+    r = runner.invoke(app, ["evaluate", "faithfulness", "--pairs", str(pairs), "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output + r.stderr
+    result = run.faithfulness(FaithfulnessConfig(pairs=str(pairs), out=str(tmp_path / "lib")))
+    assert result.path == tmp_path / "lib" and result.metrics["unsupported_rate"] == pytest.approx(1 / 3)  # Rome, of Ann, Bob, Rome
+    for name in ("metrics.json", "examples.jsonl"):
+        assert (tmp_path / "lib" / name).read_text() == (tmp_path / "cli" / name).read_text()
+    back = read_eval(tmp_path / "lib")
+    assert (back.kind, back.model, back.metrics, back.examples, back.extra) == \
+        ("faithfulness", "", result.metrics, result.examples, {"pairs": str(pairs)})
+    with pytest.raises(SmoothkdError, match="--out is required"):
+        run.faithfulness(FaithfulnessConfig(pairs=str(pairs)))
+
+
+def test_eval_layout_is_read_back_by_run_dir_and_kind(tmp_path):
+    from smoothkd.run_layout import (
+        EvalResult, eval_dir, find_evals, load_eval, read_run_config, resolve_eval_dir, write_eval,
+    )
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert resolve_eval_dir(str(run_dir), "general", None) == run_dir / "evals" / "general"
+    assert resolve_eval_dir("smollm2-135m-instruct", "general", tmp_path / "x") == tmp_path / "x"
+    with pytest.raises(SmoothkdError, match="--out is required when --model smollm2-135m-instruct"):
+        resolve_eval_dir("smollm2-135m-instruct", "general", None)
+
+    cal = EvalResult("calibration", str(run_dir), {"ece": 0.1}, [], [{"seq": 3, "nll": 1.5}], {"split": "heldout"})
+    gen = EvalResult("general", str(run_dir), {"arc_easy": {"acc": 0.5}}, ["a note"], [{"id": "q1", "pred": 0}])
+    for ev in (cal, gen):
+        write_eval(eval_dir(run_dir, ev.kind), ev)
+    metrics = json.loads((run_dir / "evals" / "calibration" / "metrics.json").read_text())
+    assert list(metrics) == ["kind", "model", "metrics", "notes", "split"]  # as the commands always wrote it
+    assert load_eval(run_dir, "calibration") == dataclasses.replace(cal, path=run_dir / "evals" / "calibration")
+    found = find_evals(run_dir)
+    assert sorted(found) == ["calibration", "general"] and found["general"].notes == ["a note"]
+    assert found["general"].examples == gen.examples
+    assert sorted(find_evals(run_dir / "evals" / "general")) == ["general"]  # an evaluation directory alone
+    assert read_run_config(run_dir) is None
+    (run_dir / "smoothkd_run.json").write_text(json.dumps({"config": {"alpha": 0.1}}))
+    assert read_run_config(run_dir) == {"alpha": 0.1}
+
+
 def test_logistic_fit_separates_and_matches_a_known_solution():
     from smoothkd.evaluate.lookback_classifier import auc, fit_logistic
 
@@ -236,8 +330,7 @@ def test_compare_groups_seeds_of_one_config_and_keeps_other_dirs_apart(tmp_path)
 
     paths = [fake_run("kd-s0", 0.1, 0, 0.10), fake_run("kd-s1", 0.1, 1, 0.20, ("teacher_greedy", "original")),
              fake_run("kd2-s0", 0.1, 0, 0.30, ("original", "teacher_greedy")), fake_run("sft", 0.0, 0, 0.40)]
-    summary = compare(paths, tmp_path / "report")
-    groups = summary["groups"]
+    groups = compare(paths, tmp_path / "report").groups
     assert set(groups) == {"alpha=0.1 topk_tail original T=1.0", "alpha=0.1 topk_tail original+teacher_greedy T=1.0",
                            "alpha=0 (SFT) original"}
     mixed = groups["alpha=0.1 topk_tail original+teacher_greedy T=1.0"]  # source order does not matter

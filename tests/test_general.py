@@ -212,6 +212,31 @@ def test_evaluate_general_is_consistent(lm):
             assert metrics["confidence_on_wrong"] is None
 
 
+def test_general_command_writes_per_task_metrics_and_their_mean(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from smoothkd.cli import app
+    from smoothkd.run_layout import read_eval
+
+    r = CliRunner().invoke(app, ["evaluate", "general", "--model", str(tiny_model), "--tasks", "arc_easy, openbookqa",
+                                 "--data-dir", str(DATA), "--limit", "4", "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output + r.stderr
+    ev = read_eval(tmp_path / "ev")
+    assert ev.kind == "general" and ev.model == str(tiny_model) and len(ev.examples) == 8
+    per_task = [ev.metrics[t]["acc_norm"] for t in ("arc_easy", "openbookqa")]
+    for t in ("arc_easy", "openbookqa"):
+        mine = [e for e in ev.examples if e["task"] == t]
+        assert ev.metrics[t]["acc_norm"] == np.mean([e["pred_norm"] == e["gold"] for e in mine])
+    assert ev.metrics["mean_acc_norm"] == pytest.approx(np.mean(per_task))
+    assert "mean_acc_norm" in r.output
+
+
+def test_mean_acc_norm_weighs_tasks_equally():
+    from smoothkd.evaluate.general import mean_acc_norm
+
+    assert mean_acc_norm({"a": {"n": 100, "acc_norm": 0.5}, "b": {"n": 4, "acc_norm": 1.0}}) == 0.75
+
+
 def test_confidence_on_wrong_is_none_when_nothing_is_wrong(lm, tmp_path):
     model, tokenizer = lm
     # One choice per question: the prediction is always right.

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from smoothkd.distill import losses
-from smoothkd.distill.losses import LOSSES, TeacherTopK, student_logprobs
+from smoothkd.batches import TeacherTopK
+from smoothkd.distill.losses import LOSSES, student_logprobs
 
 
 def from_logits(fn):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def test_store_matches_a_direct_float32_forward(tiny_model, tiny_store):
     out, summary = tiny_store
     store = SoftLabelStore(str(out))
     assert summary.parts_written == 3 and store.n_sequences == 12
-    assert verify_store(store)["ok"]
+    assert verify_store(store).ok
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     tol = store.manifest.encoding.max_error + 1e-4  # fixed-point rounding + batching noise
     for i in range(store.n_sequences):
@@ -143,7 +144,7 @@ def test_fsspec_urls_work_as_out(tiny_model, dolly, tiny_store, tmp_path, scheme
     url = f"memory://precompute-{tmp_path.name}" if scheme == "memory" else f"file://{tmp_path}/s"
     run(cfg(tiny_model, dolly, url), show_progress=False)
     assert contents(url) == contents(str(tiny_store[0]))
-    assert verify_store(SoftLabelStore(url))["ok"]
+    assert verify_store(SoftLabelStore(url)).ok
 
 
 def test_greedy_augmentation_adds_teacher_responses(tiny_model, dolly, tmp_path):
@@ -164,7 +165,7 @@ def test_greedy_augmentation_adds_teacher_responses(tiny_model, dolly, tmp_path)
         assert s.row["truncated"] == (2 not in generated)
         # and it is scored like the original response: the top-1 is the greedy token
         assert (s.labels.ids[:, 0] == s.targets).all()
-    assert verify_store(store)["ok"]
+    assert verify_store(store).ok
 
 
 def test_overlong_sequences_are_skipped_or_truncated_and_counted(tiny_model, dolly, tmp_path):
@@ -173,15 +174,22 @@ def test_overlong_sequences_are_skipped_or_truncated_and_counted(tiny_model, dol
     assert sum(skipped.dropped.values()) > 0
     assert kept.n_sequences == 12 - sum(skipped.dropped.values())
     assert max(kept.table()["n_tokens"].to_pylist()) <= 200
+    # the run's counts are its parts' counts, summed: what each commit.json says
+    assert sum((Counter(p.commit["dropped"]) for p in kept.parts), Counter()) == skipped.dropped
+    assert (skipped.sequences, skipped.tokens, skipped.supervised_tokens) == \
+        (kept.n_sequences, kept.n_tokens, kept.n_supervised_tokens)
+    assert set(skipped.to_json()) == {"out", "parts_written", "parts_skipped", "sequences", "supervised_tokens", "tokens",
+                                      "dropped", "truncated", "invalid_records", "seconds", "forward_seconds"}
 
     truncated = run(cfg(tiny_model, dolly, tmp_path / "b", max_length=200, overlong="truncate"), show_progress=False)
     store = SoftLabelStore(str(tmp_path / "b"))
     table = store.table()
     assert truncated.truncated == sum(table["truncated"].to_pylist()) > 0
+    assert truncated.truncated == sum(p.commit["truncated"] for p in store.parts)
     assert max(table["n_tokens"].to_pylist()) == 200
     prompt_dropped = sum(v for k, v in truncated.dropped.items() if "prompt" in k)
     assert store.n_sequences == 12 - prompt_dropped
-    assert verify_store(store)["ok"]
+    assert verify_store(store).ok
 
 
 def test_greedy_responses_are_cut_at_max_length(tiny_model, dolly, tmp_path):
@@ -193,4 +201,4 @@ def test_greedy_responses_are_cut_at_max_length(tiny_model, dolly, tmp_path):
     cut = [r for r in greedy if r["n_tokens"] == 60]  # stopped by --max-length, not by max_new_tokens (64)
     assert cut and all(r["truncated"] for r in cut)
     assert summary.dropped["teacher_greedy: prompt longer than --max-length"] == 6 - len(greedy)
-    assert verify_store(SoftLabelStore(str(tmp_path / "s")))["ok"]
+    assert verify_store(SoftLabelStore(str(tmp_path / "s"))).ok

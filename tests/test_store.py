@@ -73,9 +73,31 @@ def test_round_trip_returns_what_was_written(tmp_path, scheme):
         assert np.abs(got.labels.true_logprob - lab.true_logprob).max() <= enc.max_error + 1e-6
         assert np.array_equal(got.labels.tail, lab.tail)
     info = store.info()
-    assert info["n_supervised_tokens"] == sum(len(x[3]) for x in expected)
-    assert info["bytes_on_disk"] > 0 and info["bytes_per_supervised_token"] > 0
-    assert verify_store(store)["ok"]
+    assert info.n_supervised_tokens == sum(len(x[3]) for x in expected)
+    assert info.bytes_on_disk > 0 and info.bytes_per_supervised_token > 0
+    assert verify_store(store).ok
+
+
+def test_a_whole_part_read_holds_every_sequence_as_read_one_by_one(tmp_path):
+    url = str(tmp_path / "s")
+    write(url, {0: 3, 1: 4})
+    store = SoftLabelStore(url)
+    table = store.table()
+    for part in store.parts:
+        whole = store.read_part(part.name)
+        labels = whole.labels()
+        rows = [r for r in table.to_pylist() if r["part"] == part.name]
+        assert whole.tokens.dtype == np.int64 and labels.ids.dtype == np.int64
+        assert labels.logprobs.dtype == labels.true_logprob.dtype == labels.tail.dtype == np.float32
+        assert len(whole.tokens) == part.commit["n_tokens"] and len(labels) == part.commit["n_labels"]
+        for r in rows:
+            one = store.sequence(r["seq"])
+            t0, l0 = r["token_offset"], r["label_offset"]
+            assert np.array_equal(whole.tokens[t0 : t0 + r["n_tokens"]], one.tokens)
+            picked = whole.labels(np.arange(l0, l0 + r["n_labels"]))  # row indices, as batches ask
+            for field in ("ids", "logprobs", "true_logprob", "tail"):
+                assert np.array_equal(getattr(labels, field)[l0 : l0 + r["n_labels"]], getattr(one.labels, field))
+                assert np.array_equal(getattr(picked, field), getattr(one.labels, field))
 
 
 def test_uncommitted_part_is_invisible_and_the_store_incomplete(tmp_path):
@@ -85,18 +107,19 @@ def test_uncommitted_part_is_invisible_and_the_store_incomplete(tmp_path):
     store = SoftLabelStore(url)
     assert [p.index for p in store.parts] == [0]
     assert store.n_sequences == 3
-    assert store.info()["missing_parts"] == ["part-000001"] and not store.info()["complete"]
+    info = store.info()
+    assert info.missing_parts == ["part-000001"] and not info.complete
     report = verify_store(store)
-    assert "part-000001" in report["warnings"][0]
-    assert not report["ok"] and "incomplete: 1 of 2 parts" in report["faults"][0]["message"]
+    assert "part-000001" in report.warnings[0]
+    assert not report.ok and "incomplete: 1 of 2 parts" in report.faults[0].message
 
 
 def test_a_part_that_never_started_makes_the_store_incomplete(tmp_path):
     url = str(tmp_path / "s")
     write(url, {0: 3}, n_records=12)  # 3 parts expected, only part 0 written (say, shard 0/3 alone)
     report = verify_store(SoftLabelStore(url))
-    assert not report["warnings"]
-    assert [f["array"] for f in report["faults"]] == ["parts"] and "2 of 3 parts" in report["faults"][0]["message"]
+    assert not report.warnings
+    assert [f.array for f in report.faults] == ["parts"] and "2 of 3 parts" in report.faults[0].message
 
 
 def test_nan_from_the_teacher_is_refused_before_commit():
@@ -152,8 +175,8 @@ def _part_group(tmp_path):
 
 def _faults(tmp_path):
     report = verify_store(SoftLabelStore(str(tmp_path / "s")))
-    assert not report["ok"]
-    return [(f["part"], f["array"], f["message"]) for f in report["faults"]]
+    assert not report.ok
+    return [(f.part, f.array, f.message) for f in report.faults]
 
 
 @pytest.mark.parametrize("corrupt, array, message", [
@@ -168,7 +191,7 @@ def _faults(tmp_path):
 ])
 def test_verify_names_the_part_and_array_at_fault(tmp_path, corrupt, array, message):
     write(str(tmp_path / "s"), {0: 4})
-    assert verify_store(SoftLabelStore(str(tmp_path / "s")))["ok"]
+    assert verify_store(SoftLabelStore(str(tmp_path / "s"))).ok
     corrupt(_part_group(tmp_path))
     faults = _faults(tmp_path)
     assert any(p == "part-000000" and a == array and message in m for p, a, m in faults), faults

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from smoothkd.errors import SmoothkdError
 from smoothkd.models import DEFAULT_MODEL
-from smoothkd.options import opt
+from smoothkd.options import COMMA_LIST, opt
 from smoothkd.storage_schemas.spec import SOURCES
 
 FREEZE_GROUPS = ("embed", "attn", "mlp", "norm", "lm_head")  # and layers:A-B
@@ -14,8 +14,10 @@ FREEZE_GROUPS = ("embed", "attn", "mlp", "norm", "lm_head")  # and layers:A-B
 
 @dataclass(frozen=True)
 class DistillConfig:
-    store: str = opt("", "Soft-label store written by `smoothkd precompute teacher`.")
-    out: str = opt("", "Run directory: the checkpoint, its config, the training log.")
+    """resume=False marks what a resumed run may change; the rest fixes its data order, schedule or trained parameters."""
+
+    store: str = opt("", "Soft-label store written by `smoothkd precompute teacher`.", required=True)
+    out: str = opt("", "Run directory: the checkpoint, its config, the training log.", required=True, resume=False)
     model: str = opt(DEFAULT_MODEL, "Student: an embedded model name, a local checkpoint directory, or a hub id.")
     alpha: float = opt(0.1, "Weight of the KD term: L = CE(hard) + alpha * KD. 0 is the SFT baseline, on the same batches.")
     loss: str = opt("topk_tail", "KD loss: topk_tail (teacher top-k plus its tail bucket) or topk_renorm.")
@@ -29,18 +31,20 @@ class DistillConfig:
     epochs: int = opt(1, "Passes over the selected sequences.")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
     sources: list[str] = opt(["original"], "Store sources to train on: original (word-level KD), teacher_greedy "
-                                           "(sequence-level KD), or both.")
+                                           "(sequence-level KD), or both.", cli=COMMA_LIST)
     seed: int = opt(0, "Seed of the data order and of initialisation (LoRA).")
     lora: bool = opt(False, "Train LoRA adapters (peft) instead of all weights; the adapter is saved, plus a merged model.")
     lora_rank: int = opt(16, "LoRA rank (with --lora).")
-    freeze: list[str] = opt([], "Parameter groups to freeze: embed, attn, mlp, norm, lm_head, layers:A-B (A..B inclusive).")
+    freeze: list[str] = opt([], "Parameter groups to freeze: embed, attn, mlp, norm, lm_head, layers:A-B (A..B inclusive).",
+                             cli=COMMA_LIST)
     fsdp: bool = opt(False, "Shard parameters, gradients and optimizer state over the processes (FSDP2), for "
                             "students that do not fit one GPU; under torchrun or accelerate launch. Default: DDP.")
-    save_every: int = opt(50, "Write a resumable checkpoint every N optimizer steps (and at the end).")
-    resume: bool = opt(False, "Continue from the run directory's last checkpoint.")
-    allow_incomplete_store: bool = opt(False, "Train on a store that still misses parts (see `store info`).")
-    dtype: str = opt("auto", "Student dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.")
-    device: str = opt("auto", "Student device: auto, cpu, cuda, ...")
+    save_every: int = opt(50, "Write a resumable checkpoint every N optimizer steps (and at the end).", resume=False)
+    resume: bool = opt(False, "Continue from the run directory's last checkpoint.", resume=False)
+    allow_incomplete_store: bool = opt(False, "Train on a store that still misses parts (see `store info`).",
+                                       resume=False)
+    dtype: str = opt("auto", "Student dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.", resume=False)
+    device: str = opt("auto", "Student device: auto, cpu, cuda, ...", resume=False)
 
     def validate(self, losses: tuple[str, ...]) -> None:
         problems = []

@@ -13,21 +13,13 @@ same size whatever the temperature (Hinton et al., 2015).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from smoothkd.batches import TeacherTopK
+
 _TINY = torch.finfo(torch.float32).tiny
-
-
-@dataclass(frozen=True)
-class TeacherTopK:
-    """Teacher soft labels for n supervised positions, as torch tensors on the student's device."""
-
-    ids: torch.Tensor  # [n, k] int64, teacher top-k token ids, most probable first
-    logprobs: torch.Tensor  # [n, k] float32, teacher log-probs at temperature 1 (log-softmax over the full vocabulary)
-    tail: torch.Tensor  # [n] float32, teacher mass outside the top-k, r = 1 - sum_i exp(logprobs_i) (stored separately, exact)
 
 
 def student_logprobs(student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

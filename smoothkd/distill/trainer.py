@@ -1,10 +1,11 @@
 """`smoothkd distill student`: train a student from a store, no live teacher.
 
-The step (`loss_step`) is pure; data order, logging, checkpoints and distribution live in
-`run`. Multi-process runs use torch.distributed (`torchrun --nproc_per_node N -m
-smoothkd.cli distill student ...` or `accelerate launch`): each rank reads its own slice of
-the store, DDP (or FSDP2 with --fsdp) averages gradients, and a rank with one batch fewer
-pads its epoch with a zero-weight micro-batch, so that every rank takes the same steps.
+The step (`loss_step`) is pure; data order, logging, checkpoints and distribution live in the
+phases of `run` (setup, resume, train, finish). Multi-process runs use torch.distributed
+(`torchrun --nproc_per_node N -m smoothkd.cli distill student ...` or `accelerate launch`):
+each rank reads its own slice of the store, DDP (or FSDP2 with --fsdp) averages gradients,
+and a rank with one batch fewer pads its epoch with a zero-weight micro-batch, so that every
+rank takes the same steps.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from smoothkd import __version__
+from smoothkd.batches import Batch, StoreDataset
 from smoothkd.distill.config import DistillConfig, _layer_range
-from smoothkd.distill.data import Batch, StoreDataset
 from smoothkd.distill.losses import LOSSES, student_logprobs
 from smoothkd.errors import SmoothkdError
 from smoothkd.models import load_causal_lm, load_tokenizer, resolve, resolve_device_dtype, tokenizer_fingerprint
+from smoothkd.run_layout import RUN_FILE
 from smoothkd.storage_schemas import SoftLabelStore
+from smoothkd.tokens import pad_id
 
-RUN_FILE = "smoothkd_run.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINT = "checkpoint"
 
@@ -174,37 +176,91 @@ def _distributed() -> tuple[int, int, int]:
     return (torch.distributed.get_rank() if world > 1 else 0), world, local
 
 
-# What a resumed run must share with the run it continues (else its data order, schedule or
-# trained parameters would not be those of one run).
-_RESUME_KEYS = ("store", "model", "alpha", "loss", "temperature", "lr", "warmup_steps", "weight_decay",
-                "max_grad_norm", "batch_size", "grad_accum", "epochs", "max_steps", "sources", "seed", "lora",
-                "lora_rank", "freeze", "fsdp")
+# What a resumed run must share with the run it continues: every option not marked resume=False.
+_RESUME_KEYS = tuple(f.name for f in dataclasses.fields(DistillConfig) if f.metadata["resume"])
 
 
 def _run_identity(cfg: DistillConfig, world: int) -> dict[str, Any]:
     return {**{k: getattr(cfg, k) for k in _RESUME_KEYS}, "world_size": world}
 
 
-def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class DistillResult:
+    """What one call of `run` did."""
+
+    steps: int  # optimizer steps the run has reached, those of the run it resumed included
+    epochs_started: int
+    seconds: float  # of this call's training loop
+    supervised_tokens: int  # trained on in this call, by this process
+    last: dict[str, Any]  # the last step's log record less its sequence ids; {} when no step ran
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the phases of one run share (built by `_setup`)."""
+
+    cfg: DistillConfig
+    out: Path
+    log_path: Path  # this process's training log
+    rank: int
+    world: int
+    store: SoftLabelStore
+    tokenizer: Any
+    model: Any  # the student: peft-wrapped with --lora, sharded in place with --fsdp
+    device: torch.device
+    keep_positions: bool  # the model can compute logits at the supervised positions only
+    data: StoreDataset
+    rank0_batches: int  # micro-batches per epoch on every rank: rank 0 has the most, the others pad
+    total: int  # optimizer steps of the whole run
+    trainable: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+
+
+def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], None] = print) -> DistillResult:
+    """Train the student on the store's soft labels into cfg.out (with --resume: on from its last checkpoint)."""
     cfg.validate(tuple(LOSSES))
     rank, world, local_rank = _distributed()
-    out = Path(cfg.out)
+    store = _open_store(cfg)
+    identity = _run_identity(cfg, world)
+    checkpoint = _checkpoint_to_resume(cfg, identity)
+    r = _setup(cfg, store, rank, world, local_rank)
+    state = _resume(r, checkpoint, identity, log)
+    result = _train(r, state, show_progress)
+    _finish(r, result)
+    return result
+
+
+def _open_store(cfg: DistillConfig) -> SoftLabelStore:
     store = SoftLabelStore(cfg.store)
     if store.missing_parts and not cfg.allow_incomplete_store:
         raise SmoothkdError(f"{cfg.store} is incomplete ({len(store.missing_parts)} of {store.expected_parts} parts "
                             "missing); finish the precompute run, or pass --allow-incomplete-store")
-    if (out / RUN_FILE).exists() or _latest_checkpoint(out) is not None:
-        if not cfg.resume:
-            raise SmoothkdError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    identity = _run_identity(cfg, world)
-    checkpoint = _latest_checkpoint(out) if cfg.resume else None
-    if checkpoint is not None:  # before anything loads: a changed option can change the saved state's layout
-        saved = json.loads((checkpoint / "trainer_state.json").read_text())["run"]
-        # An option added since that run was saved had its default then.
-        saved = {**dataclasses.asdict(DistillConfig()), **saved}
-        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in identity.items() if saved.get(k) != v]
-        if changed:
-            raise SmoothkdError(f"--resume with options that differ from the run in {out}:\n  " + "\n  ".join(changed))
+    return store
+
+
+def _checkpoint_to_resume(cfg: DistillConfig, identity: dict[str, Any]) -> Path | None:
+    """The checkpoint --resume continues, checked before anything loads: a changed option can
+    change the saved state's layout."""
+    out = Path(cfg.out)
+    checkpoint = _latest_checkpoint(out)
+    if ((out / RUN_FILE).exists() or checkpoint is not None) and not cfg.resume:
+        raise SmoothkdError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if checkpoint is None or not cfg.resume:
+        return None
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["run"]
+    # An option added since that run was saved had its default then.
+    saved = {**dataclasses.asdict(DistillConfig()), **saved}
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in identity.items() if saved.get(k) != v]
+    if changed:
+        raise SmoothkdError(f"--resume with options that differ from the run in {out}:\n  " + "\n  ".join(changed))
+    return checkpoint
+
+
+def _load_student(cfg: DistillConfig, store: SoftLabelStore, world: int,
+                  local_rank: int) -> tuple[Any, Any, str, bool]:
+    """(tokenizer, model with its groups frozen or its LoRA adapters, device name, whether the model
+    takes logits_to_keep), after checking that the student fits the store's labels."""
     location = resolve(cfg.model)
     tokenizer = load_tokenizer(location)
     want, have = store.manifest.tokenizer.get("fingerprint"), tokenizer_fingerprint(tokenizer)
@@ -223,23 +279,27 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
     vocab = model.get_output_embeddings().weight.shape[0]
     if vocab < store.manifest.vocab_size:
         raise SmoothkdError(f"the student's vocabulary ({vocab}) is smaller than the store's ({store.manifest.vocab_size})")
-    keep_positions = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keep_positions = "logits_to_keep" in inspect.signature(model.forward).parameters  # before peft wraps forward
     _freeze(model, cfg.freeze)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data = StoreDataset(store, list(cfg.sources), pad_id=int(pad or 0))
+    return tokenizer, model, device_name, keep_positions
+
+
+def _setup(cfg: DistillConfig, store: SoftLabelStore, rank: int, world: int, local_rank: int) -> _Run:
+    """The student, its data and its optimizer, in a fixed order (the seed's draws, LoRA's
+    initialisation, come before a resumed run restores the random state)."""
+    tokenizer, model, device_name, keep_positions = _load_student(cfg, store, world, local_rank)
+    data = StoreDataset(store, list(cfg.sources), pad_id=pad_id(tokenizer))
     # Rank 0 has the most batches; a rank with one fewer pads its epoch with a zero-weight
     # micro-batch, so that every rank takes the same steps and DDP's all-reduces pair up.
     rank0_batches = len(data.batches(0, cfg.seed, cfg.batch_size, 0, world))
     if len(data) < world:
         raise SmoothkdError(f"{len(data)} sequences cannot be spread over {world} processes")
-    steps_per_epoch = math.ceil(rank0_batches / cfg.grad_accum)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-
+    total = cfg.max_steps or cfg.epochs * math.ceil(rank0_batches / cfg.grad_accum)
     if not any(p.requires_grad for p in model.parameters()):
         raise SmoothkdError("--freeze left no parameter to train")
     if cfg.fsdp:
@@ -247,106 +307,136 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
             raise SmoothkdError("--fsdp shards the student over processes: start it under torchrun or "
                                 "accelerate launch with 2 or more")
         _shard(model, device_name)  # before the optimizer: it must hold the sharded parameters
-    device = torch.device(device_name)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_steps))
+    out = Path(cfg.out)
+    return _Run(cfg=cfg, out=out, log_path=out / (LOG_FILE if rank == 0 else f"log-rank{rank}.jsonl"), rank=rank,
+                world=world, store=store, tokenizer=tokenizer, model=model, device=torch.device(device_name),
+                keep_positions=keep_positions, data=data, rank0_batches=rank0_batches, total=total,
+                trainable=trainable, opt=opt, sched=sched)
+
+
+def _resume(r: _Run, checkpoint: Path | None, identity: dict[str, Any],
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """The trainer state to start from: a fresh one, or the checkpoint's (its weights, optimizer,
+    schedule and random state loaded into r's)."""
     state = {"step": 0, "epoch": 0, "batches_done": 0, "run": identity}
     if checkpoint is not None:
-        state = _load_checkpoint(checkpoint, model, opt, sched, cfg.fsdp)
-        log(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
-    train_model = model
-    if world > 1 and not cfg.fsdp:
-        device_ids = [device.index] if device.type == "cuda" else None
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / (LOG_FILE if rank == 0 else f"log-rank{rank}.jsonl")
+        state = _load_checkpoint(checkpoint, r.model, r.opt, r.sched, r.cfg.fsdp)
+        log(f"resuming {r.out} at step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
+    r.out.mkdir(parents=True, exist_ok=True)
     # The log holds exactly the steps the weights have seen: steps logged after the checkpoint
     # by a killed run are dropped, and run again.
-    kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else [])
+    kept = [line for line in (r.log_path.read_text().splitlines() if r.log_path.exists() else [])
             if json.loads(line)["step"] <= state["step"]]
-    log_path.write_text("".join(line + "\n" for line in kept))
+    r.log_path.write_text("".join(line + "\n" for line in kept))
+    return state
 
+
+def _train(r: _Run, state: dict[str, Any], show_progress: bool) -> DistillResult:
+    """Optimizer steps from `state` to the run's total: each logged, a checkpoint every save_every."""
+    step_model = r.model
+    if r.world > 1 and not r.cfg.fsdp:  # DDP wraps the weights _resume loaded
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            r.model, device_ids=[r.device.index] if r.device.type == "cuda" else None)
     progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress or rank != 0)
+                        TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress or r.rank != 0)
     started, tokens_seen, last = time.perf_counter(), 0, {}
-    model.train()
-    ran = False
-    with progress, open(log_path, "a") as log_file:
-        task = progress.add_task("distill", total=total, completed=state["step"], info="")
-        while state["step"] < total:
-            mine = data.batches(state["epoch"], cfg.seed, cfg.batch_size, rank, world)
-            padded = [(b, 1.0) for b in mine] + [(mine[-1], 0.0)] * (rank0_batches - len(mine))
-            batches = padded[state["batches_done"] :]
-            for start in range(0, len(batches), cfg.grad_accum):
+    r.model.train()
+    with progress, open(r.log_path, "a") as log_file:
+        task = progress.add_task("distill", total=r.total, completed=state["step"], info="")
+        while state["step"] < r.total:
+            for group in _rest_of_epoch(r, state):
                 t0 = time.perf_counter()
-                micro = [(data.load(b).to(device), w) for b, w in batches[start : start + cfg.grad_accum]]
-                n_tok = sum(b.n_supervised for b, w in micro if w)
-                # DDP averages gradients over ranks: scale by world / global count, so the step's
-                # gradient is that of the token mean over every rank's supervised tokens.
-                n_global = torch.tensor(float(n_tok))
-                if world > 1:
-                    n_global = n_global.to(device)
-                    torch.distributed.all_reduce(n_global)
-                denom = float(n_global) / world
-                sums = {"ce": 0.0, "kd": 0.0, "loss": 0.0}
-                for b, w in micro:
-                    loss, stats = loss_step(train_model, b, cfg, denom, keep_positions)
-                    (loss * w).backward()
-                    if w:
-                        sums["loss"] += loss.item() * denom / max(n_tok, 1)
-                        for k in ("ce", "kd"):
-                            sums[k] += stats[k] * b.n_supervised / max(n_tok, 1)
-                n_micro, micro = len(micro), [b for b, w in micro if w]
-                ran = True
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                micro = [(r.data.load(b).to(r.device), w) for b, w in group]
+                sums, n_tok = _step(r, step_model, micro)
                 state["step"] += 1
-                state["batches_done"] += n_micro
+                state["batches_done"] += len(micro)
                 tokens_seen += n_tok
-                last = {"step": state["step"], "epoch": state["epoch"], **sums, "lr": sched.get_last_lr()[0],
-                        "supervised_tokens": n_tok,
-                        "tokens_per_s": n_tok / (time.perf_counter() - t0),
-                        "seqs": [s for b in micro for s in b.seqs]}
+                last = {"step": state["step"], "epoch": state["epoch"], **sums, "lr": r.sched.get_last_lr()[0],
+                        "supervised_tokens": n_tok, "tokens_per_s": n_tok / (time.perf_counter() - t0),
+                        "seqs": [s for b, w in micro if w for s in b.seqs]}
                 log_file.write(json.dumps(last) + "\n")
                 log_file.flush()
                 progress.update(task, advance=1, info=f"loss {sums['loss']:.3f} ce {sums['ce']:.3f} "
                                                       f"kd {sums['kd']:.3f} {last['tokens_per_s']:,.0f} tok/s")
-                if state["step"] % cfg.save_every == 0 or state["step"] == total:
-                    if cfg.fsdp or rank == 0:  # FSDP gathers on every rank
-                        params, optim = _training_state(model, opt, cfg.fsdp)
-                    if rank == 0:
-                        _save_checkpoint(out, params, optim, sched, state)
-                if state["step"] >= total:
+                if state["step"] % r.cfg.save_every == 0 or state["step"] == r.total:
+                    _checkpoint(r, state)
+                if state["step"] >= r.total:
                     break
             else:
                 state["epoch"] += 1
                 state["batches_done"] = 0
-    seconds = time.perf_counter() - started
-    summary = {"steps": state["step"], "epochs_started": state["epoch"] + 1, "seconds": seconds,
-               "supervised_tokens": tokens_seen, "last": {k: v for k, v in last.items() if k != "seqs"}}
-    if ran or not (out / RUN_FILE).exists():  # a finished run resumed keeps its record
-        full = None
-        if cfg.fsdp:  # gathered on every rank, saved by rank 0
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return DistillResult(steps=state["step"], epochs_started=state["epoch"] + 1, seconds=time.perf_counter() - started,
+                         supervised_tokens=tokens_seen, last={k: v for k, v in last.items() if k != "seqs"})
 
-            full = get_model_state_dict(model, options=_fsdp_options())
-            # Tied weights come back as separate copies under each name: keep one, as HF does.
-            aliases = ({n for n, _ in model.named_parameters(remove_duplicate=False)}
-                       - {n for n, _ in model.named_parameters()})
-            full = {k: v for k, v in full.items() if k not in aliases}
-        if rank == 0:
-            _save_final(out, model, tokenizer, cfg, store, summary, full)
-    if world > 1:
+
+def _rest_of_epoch(r: _Run, state: dict[str, Any]) -> list[list[tuple[Any, float]]]:
+    """This rank's micro-batches from state's place in its epoch, grouped by optimizer step;
+    weight 0 marks the padding of a rank with fewer batches than rank 0."""
+    mine = r.data.batches(state["epoch"], r.cfg.seed, r.cfg.batch_size, r.rank, r.world)
+    padded = [(b, 1.0) for b in mine] + [(mine[-1], 0.0)] * (r.rank0_batches - len(mine))
+    rest = padded[state["batches_done"] :]
+    return [rest[i : i + r.cfg.grad_accum] for i in range(0, len(rest), r.cfg.grad_accum)]
+
+
+def _step(r: _Run, step_model: Any, micro: list[tuple[Batch, float]]) -> tuple[dict[str, float], int]:
+    """One optimizer step over weighted micro-batches: (ce, kd and loss per supervised token of
+    this rank, that token count)."""
+    n_tok = sum(b.n_supervised for b, w in micro if w)
+    # DDP averages gradients over ranks: scale by world / global count, so the step's
+    # gradient is that of the token mean over every rank's supervised tokens.
+    n_global = torch.tensor(float(n_tok))
+    if r.world > 1:
+        n_global = n_global.to(r.device)
+        torch.distributed.all_reduce(n_global)
+    denom = float(n_global) / r.world
+    sums = {"ce": 0.0, "kd": 0.0, "loss": 0.0}
+    for b, w in micro:
+        loss, stats = loss_step(step_model, b, r.cfg, denom, r.keep_positions)
+        (loss * w).backward()
+        if w:
+            sums["loss"] += loss.item() * denom / max(n_tok, 1)
+            for k in ("ce", "kd"):
+                sums[k] += stats[k] * b.n_supervised / max(n_tok, 1)
+    if r.cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(r.trainable, r.cfg.max_grad_norm)
+    r.opt.step()
+    r.sched.step()
+    r.opt.zero_grad(set_to_none=True)
+    return sums, n_tok
+
+
+def _checkpoint(r: _Run, state: dict[str, Any]) -> None:
+    if r.cfg.fsdp or r.rank == 0:  # FSDP gathers on every rank
+        params, optim = _training_state(r.model, r.opt, r.cfg.fsdp)
+    if r.rank == 0:
+        _save_checkpoint(r.out, params, optim, r.sched, state)
+
+
+def _finish(r: _Run, result: DistillResult) -> None:
+    """The final weights and run record; a finished run resumed (no step ran) keeps its record."""
+    if result.last or not (r.out / RUN_FILE).exists():
+        full = _gathered_weights(r.model) if r.cfg.fsdp else None  # gathered on every rank, saved by rank 0
+        if r.rank == 0:
+            _save_final(r.out, r.model, r.tokenizer, r.cfg, r.store, result, full)
+    if r.world > 1:
         torch.distributed.barrier()
-    return summary
+
+
+def _gathered_weights(model: Any) -> dict[str, torch.Tensor]:
+    """A sharded (FSDP) model's whole weights; every rank must call this."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=_fsdp_options())
+    # Tied weights come back as separate copies under each name: keep one, as HF does.
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return {k: v for k, v in full.items() if k not in aliases}
 
 
 def _save_final(out: Path, model: Any, tokenizer: Any, cfg: DistillConfig, store: SoftLabelStore,
-                summary: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None) -> None:
+                result: DistillResult, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """A normal Hugging Face checkpoint in `out` (merged, with --lora), plus the run record.
     `state_dict`: the gathered weights of a sharded (FSDP) model."""
     if cfg.lora:
@@ -354,6 +444,6 @@ def _save_final(out: Path, model: Any, tokenizer: Any, cfg: DistillConfig, store
         model = model.merge_and_unload()
     model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
-    record = {"config": dataclasses.asdict(cfg), "store": _store_identity(store), "summary": summary,
-              "tool": {"name": "smoothkd", "version": __version__}}
+    record = {"config": dataclasses.asdict(cfg), "store": _store_identity(store),
+              "summary": dataclasses.asdict(result), "tool": {"name": "smoothkd", "version": __version__}}
     (out / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))

@@ -44,9 +44,13 @@ import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from smoothkd.errors import SmoothkdError
+import numpy as np
+
+from smoothkd.errors import InputError, SmoothkdError
+from smoothkd.jsonl import read_jsonl
 
 if TYPE_CHECKING:
     from rouge_score.rouge_scorer import RougeScorer
@@ -263,3 +267,24 @@ def score_pair(
     if reference is not None:
         scores["rouge_l_reference"] = rouge_l(summary, reference)
     return scores
+
+
+def score_pairs(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every (article, summary) pair of a JSONL file scored, no generation: the mean metrics, and
+    one row per pair in input order (its own fields, then ``score_pair``'s; against its
+    ``reference`` too when it has one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--pairs {path}: no such file")
+    rows = []
+    for lineno, row in read_jsonl(path):
+        for f in ("article", "summary"):
+            if not isinstance(row.get(f), str):
+                raise InputError(f"{path}:{lineno}: missing string field {f!r}")
+        rows.append({**row, **score_pair(row["article"], row["summary"], row.get("reference"))})
+    if not rows:
+        raise InputError(f"{path}: no pairs")
+    rates = [r["unsupported_rate"] for r in rows if r["unsupported_rate"] is not None]
+    metrics = {"n": len(rows), "unsupported_rate": float(np.mean(rates)) if rates else None,
+               "rouge_l_article": float(np.mean([r["rouge_l_article"] for r in rows]))}
+    return metrics, rows

@@ -19,6 +19,7 @@ import torch
 
 from smoothkd.jsonl import read_jsonl
 from smoothkd.errors import InputError, SmoothkdError
+from smoothkd.tokens import pad_batch, pad_id
 
 TARGET_DELIMITER = " "  # lm-eval puts this between the context and each choice
 
@@ -191,19 +192,14 @@ def choice_logliks(model: Any, tokenizer: Any, items: list[MCItem], batch_size: 
     requests.sort(key=lambda r: -(len(r[2]) + len(r[3])))
     out = [[0.0] * len(item.choices) for item in items]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     with torch.inference_mode():
         for start in range(0, len(requests), batch_size):
             chunk = requests[start:start + batch_size]
-            # The last token is never an input: nothing after it is scored.
-            inputs = [ctx + cont[:-1] for _, _, ctx, cont in chunk]
-            width = max(len(x) for x in inputs)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, x in enumerate(inputs):  # right padding: real tokens keep positions 0..n-1
-                ids[row, :len(x)] = torch.tensor(x)
-                mask[row, :len(x)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            # The last token is never an input: nothing after it is scored. Right padding:
+            # real tokens keep positions 0..n-1.
+            ids, mask = pad_batch([ctx + cont[:-1] for _, _, ctx, cont in chunk], pad, device=device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             for row, (i, j, ctx, cont) in enumerate(chunk):
                 # logits at position p predict token p + 1: the continuation starts at len(ctx).
                 scored = logits[row, len(ctx) - 1:len(ctx) - 1 + len(cont)].float().log_softmax(-1)
@@ -265,3 +261,8 @@ def evaluate_general(model: Any, tokenizer: Any, tasks: list[str], data_dir: Pat
             "confidence_on_wrong": sum(wrong_confidence) / len(wrong_confidence) if wrong_confidence else None,
         }
     return results
+
+
+def mean_acc_norm(tasks: dict[str, dict[str, Any]]) -> float:
+    """The unweighted mean of the tasks' acc_norm (per task: `evaluate_general(...)["tasks"]`)."""
+    return sum(t["acc_norm"] for t in tasks.values()) / len(tasks)

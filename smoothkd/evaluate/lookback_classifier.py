@@ -17,9 +17,9 @@ from typing import Any, Callable
 import numpy as np
 
 from smoothkd.errors import InputError, SmoothkdError
-from smoothkd.jsonl import read_jsonl
 from smoothkd.evaluate.lookback import lookback_ratios, summary_lookback
-from smoothkd.evaluate.summarization import prompt_ids
+from smoothkd.jsonl import read_jsonl
+from smoothkd.tokens import document_prompt
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50) -> tuple[np.ndarray, float]:
@@ -42,7 +42,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50)
 def summary_features(model: Any, tokenizer: Any, article: str, summary: str, instruction: str,
                      max_prompt_tokens: int) -> np.ndarray:
     """Mean lookback ratio per (layer, head) while the model reads `summary` as its answer: [L * H]."""
-    prompt, _ = prompt_ids(tokenizer, article, instruction, max_prompt_tokens)
+    prompt, _ = document_prompt(tokenizer, article, instruction, max_prompt_tokens)
     summary_ids = list(tokenizer(summary, add_special_tokens=False)["input_ids"])
     return summary_lookback(lookback_ratios(model, prompt, summary_ids)).flatten().numpy()
 

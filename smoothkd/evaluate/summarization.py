@@ -11,14 +11,16 @@ from typing import Any, Callable
 import numpy as np
 
 from smoothkd.errors import InputError, SmoothkdError
+from smoothkd.evaluate import lookback_classifier as lens
+from smoothkd.evaluate.config import DEFAULT_INSTRUCTION
 from smoothkd.evaluate.faithfulness import score_pair
 from smoothkd.evaluate.lookback import lookback_ratios, summary_lookback
-from smoothkd.generation import greedy, pad_id, stop_ids
+from smoothkd.generation import greedy, stop_ids
 from smoothkd.jsonl import read_jsonl
+from smoothkd.tokens import document_prompt, pad_id
 
 ARTICLE_FIELDS = ("document", "article")  # XSum, CNN/DailyMail
 REFERENCE_FIELDS = ("summary", "highlights")
-DEFAULT_INSTRUCTION = "Summarize the following article in one sentence."
 
 
 @dataclass(frozen=True)
@@ -48,32 +50,11 @@ def load_articles(path: str, limit: int | None = None) -> list[Article]:
     return out
 
 
-def prompt_ids(tokenizer: Any, article: str, instruction: str, max_prompt_tokens: int) -> tuple[list[int], str]:
-    """The chat-formatted prompt, and the article as it is in it: cut (at the token level) to
-    fit max_prompt_tokens. Metrics compare the summary with the article the model saw."""
-    def ids(text: str) -> list[int]:
-        msg = [{"role": "user", "content": f"{instruction}\n\n{text}"}]
-        rendered = tokenizer.apply_chat_template(msg, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-
-    full = ids(article)
-    article_ids = tokenizer(article, add_special_tokens=False)["input_ids"]
-    keep = len(article_ids)
-    while len(full) > max_prompt_tokens:  # re-encoding a cut text can shift the count: repeat
-        keep -= len(full) - max_prompt_tokens
-        if keep < 1:
-            raise InputError(f"--max-prompt-tokens {max_prompt_tokens} leaves no room for the article "
-                             "after the chat template and instruction")
-        article = tokenizer.decode(article_ids[:keep])
-        full = ids(article)
-    return full, article
-
-
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuations; the stop token is not part of the summary."""
     stops = stop_ids(tokenizer, model.generation_config)
     return [g.ids[:-1] if g.finished else g.ids
-            for g in greedy(model, prompts, max_new_tokens, stops, pad_id(tokenizer, stops))]
+            for g in greedy(model, prompts, max_new_tokens, stops, pad_id(tokenizer))]
 
 
 def load_fc_model(path: str | None) -> Callable[[list[tuple[str, str]]], list[float]] | None:
@@ -97,8 +78,6 @@ def evaluate_summarization(model: Any, tokenizer: Any, articles: list[Article], 
                            fc_model: str | None = None, lookback: bool = True,
                            lookback_classifier: str | None = None,
                            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    from smoothkd.evaluate import lookback_classifier as lens  # it imports this module
-
     if lookback_classifier and not lookback:
         raise SmoothkdError("--lookback-classifier needs the lookback ratios: drop --no-lookback")
     hhem = load_fc_model(fc_model)
@@ -106,7 +85,7 @@ def evaluate_summarization(model: Any, tokenizer: Any, articles: list[Article], 
     if lookback_classifier:
         n_features = model.config.num_hidden_layers * model.config.num_attention_heads
         classify = lens.load(lookback_classifier, n_features)
-    prompts, seen = zip(*[prompt_ids(tokenizer, a.text, instruction, max_prompt_tokens) for a in articles])
+    prompts, seen = zip(*[document_prompt(tokenizer, a.text, instruction, max_prompt_tokens) for a in articles])
     examples = []
     for start in range(0, len(articles), batch_size):
         batch = list(range(start, min(start + batch_size, len(articles))))

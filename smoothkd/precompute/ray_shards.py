@@ -13,19 +13,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections import Counter
-from typing import Any, Callable
+from typing import Callable
 
 from smoothkd.errors import SmoothkdError
 from smoothkd.precompute.backends import BACKENDS
 from smoothkd.precompute.config import PrecomputeConfig
-from smoothkd.precompute.run import Summary
+from smoothkd.precompute.run import PartCounts, Summary
 
 
-def _run_shard(cfg: PrecomputeConfig) -> dict[str, Any]:
+def _run_shard(cfg: PrecomputeConfig) -> Summary:
     from smoothkd.precompute.run import run
 
-    return run(cfg, show_progress=False, log=lambda m: print(f"[shard {cfg.shard}] {m}", flush=True)).to_json()
+    return run(cfg, show_progress=False, log=lambda m: print(f"[shard {cfg.shard}] {m}", flush=True))
 
 
 def run_on_ray(cfg: PrecomputeConfig, n_shards: int, log: Callable[[str], None] = print) -> Summary:
@@ -51,7 +50,7 @@ def run_on_ray(cfg: PrecomputeConfig, n_shards: int, log: Callable[[str], None] 
         task = ray.remote(num_gpus=gpus_per_shard, num_cpus=1, max_retries=0)(_run_shard)
         refs = {task.remote(dataclasses.replace(cfg, shard=f"{i}/{n_shards}")): i for i in range(n_shards)}
         log(f"ray: {n_shards} shard task(s), {gpus_per_shard:g} GPU each, writing {cfg.out}")
-        results: dict[int, dict[str, Any]] = {}
+        results: dict[int, Summary] = {}
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -64,19 +63,15 @@ def run_on_ray(cfg: PrecomputeConfig, n_shards: int, log: Callable[[str], None] 
                 raise SmoothkdError(f"shard {i}/{n_shards} failed (the other shards' committed parts stay; "
                                     f"re-run the same command to finish): {cause}") from e
             log(f"ray: shard {i}/{n_shards} done ({len(results)} of {n_shards}): "
-                f"{results[i]['parts_written']} part(s) written, {results[i]['parts_skipped']} already committed")
+                f"{results[i].parts_written} part(s) written, {results[i].parts_skipped} already committed")
         return _add_up(cfg.out, [results[i] for i in range(n_shards)], time.perf_counter() - t0)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _add_up(out: str, shards: list[dict[str, Any]], seconds: float) -> Summary:
-    total = Summary(out=out, seconds=seconds)
-    for s in shards:
-        for name in ("parts_written", "parts_skipped", "sequences", "supervised_tokens", "tokens", "truncated",
-                     "forward_seconds"):
-            setattr(total, name, getattr(total, name) + s[name])
-        total.dropped += Counter(s["dropped"])
-    total.invalid_records = shards[0]["invalid_records"]  # every shard reads (and checks) all records
-    return total
+def _add_up(out: str, shards: list[Summary], seconds: float) -> Summary:
+    return Summary.of(sum(shards, PartCounts()), out=out, seconds=seconds,
+                      parts_written=sum(s.parts_written for s in shards),
+                      parts_skipped=sum(s.parts_skipped for s in shards),
+                      invalid_records=shards[0].invalid_records)  # every shard reads (and checks) all records

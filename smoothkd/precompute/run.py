@@ -30,22 +30,42 @@ from smoothkd.storage_schemas.writer import PartBuilder, StoreWriter
 SPLIT_SALT = "smoothkd-heldout-v1"
 
 
-@dataclass
-class Summary:
-    out: str
-    parts_written: int = 0
-    parts_skipped: int = 0  # already committed by an earlier run
+@dataclass(frozen=True)
+class PartCounts:
+    """What building one part produced; a run's counts are the sum over its parts (and shards)."""
+
     sequences: int = 0
-    supervised_tokens: int = 0
     tokens: int = 0
-    dropped: Counter = field(default_factory=Counter)  # reason -> sequences not written
+    supervised_tokens: int = 0
     truncated: int = 0
-    invalid_records: int = 0
-    seconds: float = 0.0
+    dropped: Counter[str] = field(default_factory=Counter)  # reason -> sequences not written
     forward_seconds: float = 0.0
 
+    def __add__(self, other: PartCounts) -> PartCounts:
+        return PartCounts(
+            sequences=self.sequences + other.sequences, tokens=self.tokens + other.tokens,
+            supervised_tokens=self.supervised_tokens + other.supervised_tokens,
+            truncated=self.truncated + other.truncated, dropped=self.dropped + other.dropped,
+            forward_seconds=self.forward_seconds + other.forward_seconds,
+        )
+
+
+@dataclass(frozen=True)
+class Summary(PartCounts):
+    """A run's result: the summed counts of the parts it wrote, and what it skipped."""
+
+    out: str = ""
+    parts_written: int = 0
+    parts_skipped: int = 0  # already committed by an earlier run
+    invalid_records: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def of(cls, counts: PartCounts, **run: Any) -> Summary:
+        return cls(**{f.name: getattr(counts, f.name) for f in dataclasses.fields(PartCounts)}, **run)
+
     def to_json(self) -> dict[str, Any]:
-        return {**self.__dict__, "dropped": dict(self.dropped)}
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "dropped": dict(self.dropped)}
 
 
 def build_manifest(cfg: PrecomputeConfig, teacher: TeacherBackend, location: str, loaded: LoadedRecords,
@@ -70,52 +90,51 @@ def build_manifest(cfg: PrecomputeConfig, teacher: TeacherBackend, location: str
 
 
 class PartPipeline:
-    """Turns one block of records into a filled PartBuilder."""
+    """Turns one block of records into a filled PartBuilder and its counts."""
 
     def __init__(self, cfg: PrecomputeConfig, teacher: TeacherBackend, formatter: PromptFormatter,
-                 summary: Summary, advance: Callable[[str, int, int], None]):
+                 advance: Callable[[str, int, int], None]):
         self.cfg, self.teacher, self.formatter = cfg, teacher, formatter
-        self.summary = summary
-        self.advance = advance  # (phase, sequences done, supervised tokens done)
+        self.advance = advance  # (phase, units of work done, supervised tokens done)
         self.batch_size = cfg.batch_size or teacher.default_batch_size
+        self.n_sources = 1 + ("greedy" in cfg.augment)  # sequences per record: the original (+ the teacher's)
+
+    def work(self, n_records: int) -> int:
+        """Units of work (what `advance` counts) in a block: every sequence to score, every prompt to answer."""
+        return n_records * (2 * self.n_sources - 1)
 
     def _fit(self, record: Record, source: str, prompt: list[int], response: list[int], text: str,
-             truncated: bool) -> Sequence | None:
-        """Apply --max-length and --overlong; None (counted) when the sequence is dropped."""
+             truncated: bool) -> Sequence | str:
+        """Apply --max-length and --overlong: the sequence, or why it is dropped."""
         room = self.cfg.max_length - len(prompt)
         if room < 1:
-            self.summary.dropped[f"{source}: prompt longer than --max-length"] += 1
-            return None
+            return f"{source}: prompt longer than --max-length"
         if len(response) > room:
             if self.cfg.overlong == "skip":
-                self.summary.dropped[f"{source}: longer than --max-length (--overlong skip)"] += 1
-                return None
+                return f"{source}: longer than --max-length (--overlong skip)"
             response, truncated = response[:room], True
             text = self.teacher.tokenizer.decode(response, skip_special_tokens=True)
         if not response:
-            self.summary.dropped[f"{source}: no response tokens"] += 1
-            return None
+            return f"{source}: no response tokens"
         return Sequence(record, source, prompt, response, text, truncated)
 
-    def sequences(self, records: list[Record]) -> list[Sequence]:
+    def sequences(self, records: list[Record]) -> tuple[list[Sequence], Counter[str]]:
+        """The sequences to score, and how many were dropped for each reason."""
         prompts = [self.formatter.prompt_ids(r) for r in records]
-        out: list[Sequence | None] = []
-        for r, p in zip(records, prompts):
-            out.append(self._fit(r, "original", p, self.formatter.response_ids(r, p, r.response), r.response, False))
+        out = [self._fit(r, "original", p, self.formatter.response_ids(r, p, r.response), r.response, False)
+               for r, p in zip(records, prompts)]
         if "greedy" in self.cfg.augment:
             greedy = self._greedy(records, prompts)
             # original then teacher_greedy for each record, in record order
-            out = [s for i, o in enumerate(out) for s in (o, greedy[i])]
-        return [s for s in out if s is not None]
+            out = [s for pair in zip(out, greedy) for s in pair]
+        return [s for s in out if isinstance(s, Sequence)], Counter(s for s in out if isinstance(s, str))
 
-    def _greedy(self, records: list[Record], prompts: list[list[int]]) -> list[Sequence | None]:
+    def _greedy(self, records: list[Record], prompts: list[list[int]]) -> list[Sequence | str]:
         """The teacher's greedy responses, cut at --max-new-tokens or --max-length (and marked truncated)."""
         room = [self.cfg.max_length - len(p) for p in prompts]
-        out: list[Sequence | None] = [None] * len(records)
-        for i in range(len(records)):
-            if room[i] < 1:
-                self.summary.dropped["teacher_greedy: prompt longer than --max-length"] += 1
+        out: list[Sequence | str] = ["teacher_greedy: prompt longer than --max-length"] * len(records)
         order = sorted((i for i in range(len(records)) if room[i] >= 1), key=lambda i: len(prompts[i]))
+        self.advance("generating", len(records) - len(order), 0)  # no room to answer: nothing to generate
         for b in range(0, len(order), self.batch_size):
             batch = order[b : b + self.batch_size]  # similar prompt lengths: little padding
             max_new = min(self.cfg.max_new_tokens, max(room[i] for i in batch))
@@ -126,30 +145,30 @@ class PartPipeline:
                                   truncated=not g.finished or len(ids) < len(g.ids),
                                   labels=None if g.labels is None else g.labels.head(len(ids)))
             self.advance("generating", len(batch), 0)
-        self.advance("generating", len(records) - len(order), 0)
         return out
 
-    def score(self, seqs: list[Sequence]) -> list[spec.TopKLabels]:
-        """Labels for every sequence; those that came with labels from generation are not rescored."""
+    def score(self, seqs: list[Sequence]) -> tuple[list[spec.TopKLabels], float]:
+        """Labels for every sequence, and the seconds spent in the teacher's forward passes; those
+        that came with labels from generation are not rescored."""
         labels: list[spec.TopKLabels | None] = [s.labels for s in seqs]
         kept = [i for i in range(len(seqs)) if labels[i] is not None]
         self.advance("scoring", len(kept), sum(len(seqs[i].response_ids) for i in kept))
         todo = sorted((i for i in range(len(seqs)) if labels[i] is None), key=lambda i: -len(seqs[i].tokens))
+        forward = 0.0
         for b in range(0, len(todo), self.batch_size):
             batch = todo[b : b + self.batch_size]  # similar lengths share a batch
             t0 = time.perf_counter()
             scored = self.teacher.score([(seqs[i].tokens, len(seqs[i].prompt_ids)) for i in batch], self.cfg.top_k)
-            self.summary.forward_seconds += time.perf_counter() - t0
+            forward += time.perf_counter() - t0
             for i, lab in zip(batch, scored):
                 labels[i] = lab
             self.advance("scoring", len(batch), sum(len(seqs[i].response_ids) for i in batch))
-        return labels  # type: ignore[return-value]
+        return labels, forward  # type: ignore[return-value]
 
-    def build(self, records: list[Record]) -> PartBuilder:
-        seqs = self.sequences(records)
-        n_sources = 1 + ("greedy" in self.cfg.augment)
-        self.advance("scoring", len(records) * n_sources - len(seqs), 0)  # dropped: nothing to score
-        labels = self.score(seqs)
+    def build(self, records: list[Record]) -> tuple[PartBuilder, PartCounts]:
+        seqs, dropped = self.sequences(records)
+        self.advance("scoring", len(records) * self.n_sources - len(seqs), 0)  # dropped: nothing to score
+        labels, forward_seconds = self.score(seqs)
         part = PartBuilder(top_k=self.cfg.top_k)
         for s, lab in zip(seqs, labels):
             part.add(
@@ -159,8 +178,9 @@ class PartPipeline:
                  "prompt": user_message(s.record), "response": s.response_text},
                 np.asarray(s.tokens, dtype=np.int64), len(s.prompt_ids), lab,
             )
-            self.summary.truncated += int(s.truncated)
-        return part
+        return part, PartCounts(sequences=len(part.rows), tokens=part.n_tokens, supervised_tokens=part.n_labels,
+                                truncated=sum(s.truncated for s in seqs), dropped=dropped,
+                                forward_seconds=forward_seconds)
 
 
 def run(cfg: PrecomputeConfig, show_progress: bool = True, log: Callable[[str], None] = print,
@@ -189,44 +209,39 @@ def run(cfg: PrecomputeConfig, show_progress: bool = True, log: Callable[[str], 
     shard, n_shards = cfg.shard_index
     mine = [p for p in range(n_parts) if p % n_shards == shard]
     committed = writer.committed_parts()
-    todo = [p for p in mine if p not in committed]
-    summary = Summary(out=cfg.out, parts_skipped=len(mine) - len(todo), invalid_records=len(loaded.skipped))
+    blocks = {p: records[p * cfg.part_size : (p + 1) * cfg.part_size] for p in mine if p not in committed}
     for reason in loaded.skipped[:5]:
         log(f"skipped invalid record: {reason}")
-    if summary.parts_skipped:
-        log(f"resuming: {summary.parts_skipped} of {len(mine)} parts already committed in {cfg.out}")
+    if len(blocks) < len(mine):
+        log(f"resuming: {len(mine) - len(blocks)} of {len(mine)} parts already committed in {cfg.out}")
 
-    # One unit of work: a sequence to score, or a prompt to answer greedily.
-    per_record = 1 + 2 * ("greedy" in cfg.augment)
-    total = sum(len(records[p * cfg.part_size : (p + 1) * cfg.part_size]) for p in todo) * per_record
     progress = Progress(
         TextColumn("[bold]{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tok]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress,
     )
+    supervised_done = 0
+
+    def advance(phase: str, n_units: int, n_tokens: int) -> None:
+        nonlocal supervised_done
+        supervised_done += n_tokens
+        rate = supervised_done / max(time.perf_counter() - started, 1e-9)
+        progress.update(task, description=phase, advance=n_units,
+                        tok=f"{supervised_done:,} supervised tok ({rate:,.0f}/s)")
+
+    pipeline = PartPipeline(cfg, teacher, formatter, advance)
+    counts = PartCounts()
     with progress:
-        task = progress.add_task("teacher", total=total, tok="")
-
-        def advance(phase: str, n_sequences: int, n_tokens: int) -> None:
-            summary.supervised_tokens += n_tokens
-            rate = summary.supervised_tokens / max(time.perf_counter() - started, 1e-9)
-            progress.update(task, description=phase, advance=n_sequences,
-                            tok=f"{summary.supervised_tokens:,} supervised tok ({rate:,.0f}/s)")
-
-        pipeline = PartPipeline(cfg, teacher, formatter, summary, advance)
-        for p in todo:
-            block = records[p * cfg.part_size : (p + 1) * cfg.part_size]
-            dropped_before, truncated_before = Counter(summary.dropped), summary.truncated
-            part = pipeline.build(block)
+        task = progress.add_task("teacher", total=sum(pipeline.work(len(b)) for b in blocks.values()), tok="")
+        for p, block in blocks.items():
+            part, part_counts = pipeline.build(block)
             writer.write_part(p, part, {
                 "record_start": p * cfg.part_size,
                 "record_end": p * cfg.part_size + len(block),
-                "dropped": dict(summary.dropped - dropped_before),
-                "truncated": summary.truncated - truncated_before,
+                "dropped": dict(part_counts.dropped),
+                "truncated": part_counts.truncated,
                 "shard": cfg.shard,
                 "tool_version": __version__,
             })
-            summary.parts_written += 1
-            summary.sequences += len(part.rows)
-            summary.tokens += part.n_tokens
-    summary.seconds = time.perf_counter() - started
-    return summary
+            counts += part_counts
+    return Summary.of(counts, out=cfg.out, parts_written=len(blocks), parts_skipped=len(mine) - len(blocks),
+                      invalid_records=len(loaded.skipped), seconds=time.perf_counter() - started)

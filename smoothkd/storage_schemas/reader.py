@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -67,6 +68,86 @@ def list_parts(loc: StoreLocation) -> list[PartInfo]:
                 commit = None  # a torn commit file means the part never committed
         out.append(PartInfo(int(name[5:]), name, commit is not None, commit))
     return out
+
+
+class PartArrays:
+    """Rows of one part's arrays (all of them by default), each read on first use and kept as
+    stored: ids as codes, log-probs in fixed point, a third of their decoded size. The methods
+    decode the label rows a caller asks for (a slice or row indices): a run usually selects a
+    subset of a part (one split, one source), and a trainer never needs `true_logprob`, so it
+    is never read for one."""
+
+    def __init__(self, store: SoftLabelStore, part: str, tokens: slice = slice(None), labels: slice = slice(None)):
+        self._store, self._part, self._token_rows, self._label_rows = store, part, tokens, labels
+        self._stored: dict[str, np.ndarray] = {}
+
+    def _array(self, name: str) -> np.ndarray:
+        if name not in self._stored:
+            self._stored[name] = self._store.array(self._part, name)[self._label_rows]
+        return self._stored[name]
+
+    @cached_property
+    def tokens(self) -> np.ndarray:
+        """[n_tokens] int64."""
+        return self._store.array(self._part, "tokens")[self._token_rows].astype(np.int64)
+
+    def ids(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """[n, k] int64, most probable first."""
+        return self._store.id_table(self._part)[self._array("topk_codes")[rows]]
+
+    def logprobs(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """[n, k] float32."""
+        return self._store.manifest.encoding.decode(self._array("topk_logprobs")[rows])
+
+    def true_logprob(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """[n] float32."""
+        return self._store.manifest.encoding.decode(self._array("true_logprob")[rows])
+
+    def tail(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """[n] float32."""
+        return np.asarray(self._array("tail")[rows], dtype=np.float32)
+
+    def labels(self, rows: slice | np.ndarray = slice(None)) -> spec.TopKLabels:
+        """These label rows, decoded: what `SoftLabelStore.sequence` returns too."""
+        return spec.TopKLabels(ids=self.ids(rows), logprobs=self.logprobs(rows),
+                               true_logprob=self.true_logprob(rows), tail=self.tail(rows))
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """A store at a glance: `smoothkd store info` prints it, `--json` prints `to_json()`."""
+
+    url: str
+    format: str
+    schema_version: int
+    label_kind: str
+    teacher: dict[str, Any]  # as in the manifest
+    top_k: int
+    vocab_size: int
+    id_dtype: str
+    logprob_encoding: dict[str, Any]
+    n_parts: int  # committed
+    n_uncommitted_parts: int  # interrupted writes, ignored by readers
+    n_expected_parts: int  # in the finished store
+    missing_parts: list[str]  # names of the expected parts not committed yet
+    complete: bool
+    n_sequences: int
+    n_tokens: int
+    n_supervised_tokens: int
+    supervised_tokens_by_source: dict[str, int]
+    supervised_tokens_by_split: dict[str, int]
+    dropped_sequences: dict[str, int]  # reason -> sequences precompute did not write
+    truncated_sequences: int
+    bytes_on_disk: int
+    bytes_per_supervised_token: float | None  # None for an empty store
+    dataset: dict[str, Any]
+    build: dict[str, Any]
+    tokenizer: dict[str, Any]
+    created: str
+    tool: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 class SoftLabelStore:
@@ -148,29 +229,24 @@ class SoftLabelStore:
         row = self._tables[part.name].slice(row_index, 1).to_pylist()[0]
         t0, nt = row["token_offset"], row["n_tokens"]
         l0, nl = row["label_offset"], row["n_labels"]
+        rows = PartArrays(self, part.name, slice(t0, t0 + nt), slice(l0, l0 + nl))
         return spec.SequenceLabels(
             seq=seq,
             part=part.name,
             row=row,
-            tokens=self.array(part.name, "tokens")[t0 : t0 + nt].astype(np.int64),
-            labels=self.labels(part.name, l0, l0 + nl),
+            tokens=rows.tokens,
+            labels=rows.labels(),
         )
 
-    def labels(self, part: str, start: int, stop: int) -> spec.TopKLabels:
-        """Soft labels for label rows [start, stop) of one part, decoded."""
-        enc = self.manifest.encoding
-        return spec.TopKLabels(
-            ids=self.id_table(part)[self.array(part, "topk_codes")[start:stop]],
-            logprobs=enc.decode(self.array(part, "topk_logprobs")[start:stop]),
-            true_logprob=enc.decode(self.array(part, "true_logprob")[start:stop]),
-            tail=np.asarray(self.array(part, "tail")[start:stop], dtype=np.float32),
-        )
+    def read_part(self, part: str) -> PartArrays:
+        """A whole part, one read per array: for readers that use many of its sequences."""
+        return PartArrays(self, part)
 
     def bytes_on_disk(self) -> int:
         return self.loc.bytes_on_disk()
 
-    def info(self) -> dict[str, Any]:
-        """Summary counts; what `smoothkd store info --json` prints."""
+    def info(self) -> StoreInfo:
+        """Summary counts; what `smoothkd store info` prints."""
         table = self.table()
         by_source: dict[str, int] = {}
         by_split: dict[str, int] = {}
@@ -188,33 +264,33 @@ class SoftLabelStore:
         size = self.bytes_on_disk()
         n_sup = self.n_supervised_tokens
         m = self.manifest
-        return {
-            "url": self.url,
-            "format": m.format,
-            "schema_version": m.schema_version,
-            "label_kind": m.label_kind,
-            "teacher": m.teacher,
-            "top_k": m.top_k,
-            "vocab_size": m.vocab_size,
-            "id_dtype": m.id_dtype,
-            "logprob_encoding": m.logprob_encoding,
-            "n_parts": len(self.parts),
-            "n_uncommitted_parts": len(self.uncommitted),
-            "n_expected_parts": self.expected_parts,
-            "missing_parts": [spec.part_name(i) for i in missing],
-            "complete": not missing,
-            "n_sequences": self.n_sequences,
-            "n_tokens": self.n_tokens,
-            "n_supervised_tokens": n_sup,
-            "supervised_tokens_by_source": by_source,
-            "supervised_tokens_by_split": by_split,
-            "dropped_sequences": dropped,
-            "truncated_sequences": sum(int(p.commit.get("truncated", 0)) for p in self.parts),
-            "bytes_on_disk": size,
-            "bytes_per_supervised_token": (size / n_sup) if n_sup else None,
-            "dataset": m.dataset,
-            "build": m.build,
-            "tokenizer": m.tokenizer,
-            "created": m.created,
-            "tool": m.tool,
-        }
+        return StoreInfo(
+            url=self.url,
+            format=m.format,
+            schema_version=m.schema_version,
+            label_kind=m.label_kind,
+            teacher=m.teacher,
+            top_k=m.top_k,
+            vocab_size=m.vocab_size,
+            id_dtype=m.id_dtype,
+            logprob_encoding=m.logprob_encoding,
+            n_parts=len(self.parts),
+            n_uncommitted_parts=len(self.uncommitted),
+            n_expected_parts=self.expected_parts,
+            missing_parts=[spec.part_name(i) for i in missing],
+            complete=not missing,
+            n_sequences=self.n_sequences,
+            n_tokens=self.n_tokens,
+            n_supervised_tokens=n_sup,
+            supervised_tokens_by_source=by_source,
+            supervised_tokens_by_split=by_split,
+            dropped_sequences=dropped,
+            truncated_sequences=sum(int(p.commit.get("truncated", 0)) for p in self.parts),
+            bytes_on_disk=size,
+            bytes_per_supervised_token=(size / n_sup) if n_sup else None,
+            dataset=m.dataset,
+            build=m.build,
+            tokenizer=m.tokenizer,
+            created=m.created,
+            tool=m.tool,
+        )

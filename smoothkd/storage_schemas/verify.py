@@ -25,16 +25,42 @@ class Fault:
         return f"{self.part}/{self.array}: {self.message}"
 
 
-def verify_store(store: SoftLabelStore, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Check every committed part; returns a report with `ok`, `faults` and `warnings`."""
+@dataclass(frozen=True)
+class Checked:
+    """What verification read: the committed parts and their sequences and supervised tokens."""
+
+    parts: int
+    sequences: int
+    supervised_tokens: int
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """`smoothkd store verify`'s result; `--json` prints `to_json()`."""
+
+    url: str
+    faults: list[Fault]
+    warnings: list[str]  # not faults: uncommitted parts, which readers ignore
+    checked: Checked
+
+    @property
+    def ok(self) -> bool:
+        return not self.faults
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "ok": self.ok, "faults": [asdict(f) for f in self.faults], "warnings": self.warnings,
+                "checked": asdict(self.checked)}
+
+
+def verify_store(store: SoftLabelStore, progress: Callable[[str], None] | None = None) -> VerifyReport:
+    """Check every committed part, collecting every fault found."""
     faults: list[Fault] = []
     warnings = [f"{p.name}: not committed (an interrupted write); ignored by readers" for p in store.uncommitted]
     n_seq = n_lab = 0
     for part in store.parts:
         if progress:
             progress(part.name)
-        part_faults = _verify_part(store, part.name, part.commit or {})
-        faults += part_faults
+        faults += _verify_part(store, part.name, part.commit or {})
         n_seq += int(part.commit["n_sequences"])
         n_lab += int(part.commit["n_labels"])
     missing = store.missing_parts
@@ -43,13 +69,7 @@ def verify_store(store: SoftLabelStore, progress: Callable[[str], None] | None =
             f"incomplete: {len(missing)} of {store.expected_parts} parts are not committed "
             f"(first: {spec.part_name(missing[0])}); a run is still going, was killed, or a shard has not run: "
             "run the same precompute command again to finish it")))
-    return {
-        "url": store.url,
-        "ok": not faults,
-        "faults": [asdict(f) for f in faults],
-        "warnings": warnings,
-        "checked": {"parts": len(store.parts), "sequences": n_seq, "supervised_tokens": n_lab},
-    }
+    return VerifyReport(store.url, faults, warnings, Checked(len(store.parts), n_seq, n_lab))
 
 
 def _verify_part(store: SoftLabelStore, part: str, commit: dict[str, Any]) -> list[Fault]:

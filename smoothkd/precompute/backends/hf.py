@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from smoothkd.generation import Generation, greedy, pad_batch, pad_id, stop_ids
+from smoothkd.generation import Generation, greedy, stop_ids
 from smoothkd.models import load_causal_lm, load_tokenizer
 from smoothkd.precompute.topk import topk_labels
 from smoothkd.errors import SmoothkdError
 from smoothkd.storage_schemas.spec import TopKLabels
+from smoothkd.tokens import pad_batch, pad_id
 
 if TYPE_CHECKING:
     from smoothkd.precompute.config import PrecomputeConfig
@@ -29,7 +30,7 @@ class HFTeacher:
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.stop_ids = stop_ids(self.tokenizer, self.model.generation_config)
         self.revision = getattr(self.model.config, "_commit_hash", None)
-        self.pad_id = pad_id(self.tokenizer, self.stop_ids)
+        self.pad_id = pad_id(self.tokenizer)
         # Computing logits only where they are needed (response positions) skips most of the
         # vocabulary projection on long prompts; models without `logits_to_keep` get all.
         self._keep_positions = "logits_to_keep" in inspect.signature(self.model.forward).parameters

@@ -1,24 +1,35 @@
-"""Streaming a store into training batches: order is a pure function, reads are part-local.
+"""Batches from a soft-label store, for training (distill) and evaluation (calibration).
 
 Epoch order: parts in a seeded permutation, sequences in a seeded permutation within each
-part. So consecutive batches come from the same part, which the reader decodes once and
-keeps (two parts at a time), instead of touching every chunk of the store per batch. The
-order depends on (selection, seed, epoch) only; rank r of w takes every w-th sequence of
-it, so ranks read disjoint slices and together see every sequence once per epoch. Resume
-state is (epoch, batches done): nothing is replayed.
+part. So consecutive batches come from the same part, which the store reader reads whole
+once and this module keeps (two parts at a time), instead of touching every chunk of the
+store per batch. The order depends on (selection, seed, epoch) only; rank r of w takes
+every w-th sequence of it, so ranks read disjoint slices and together see every sequence
+once per epoch. Resume state is (epoch, batches done): nothing is replayed.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from smoothkd.distill.losses import TeacherTopK
 from smoothkd.errors import SmoothkdError
 from smoothkd.storage_schemas import SoftLabelStore
+from smoothkd.storage_schemas.reader import PartArrays
+from smoothkd.tokens import pad_batch
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """Teacher soft labels for n supervised positions, as torch tensors on the student's device."""
+
+    ids: torch.Tensor  # [n, k] int64, teacher top-k token ids, most probable first
+    logprobs: torch.Tensor  # [n, k] float32, teacher log-probs at temperature 1 (log-softmax over the full vocabulary)
+    tail: torch.Tensor  # [n] float32, teacher mass outside the top-k, r = 1 - sum_i exp(logprobs_i) (stored separately, exact)
 
 
 @dataclass
@@ -43,30 +54,35 @@ class Batch:
                      TeacherTopK(t.ids.to(device), t.logprobs.to(device), t.tail.to(device)))
 
 
+def _join(arrays: list[np.ndarray]) -> torch.Tensor:
+    """The arrays end to end, as one tensor; a single array (a batch within one part) is fresh
+    from decoding, so it is not copied again."""
+    return torch.from_numpy(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+
+
 class _PartCache:
-    """The decoded arrays of the most recently used parts (stored dtypes: small)."""
+    """The arrays of the most recently used parts (stored dtypes: small)."""
 
     def __init__(self, store: SoftLabelStore, size: int = 2):
         self.store, self.size = store, size
-        self._parts: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self._parts: OrderedDict[str, PartArrays] = OrderedDict()
 
-    def get(self, part: str) -> dict[str, np.ndarray]:
+    def get(self, part: str) -> PartArrays:
         if part in self._parts:
             self._parts.move_to_end(part)
             return self._parts[part]
-        arrays = {name: self.store.array(part, name)[...]
-                  for name in ("tokens", "topk_codes", "topk_logprobs", "tail")}
-        arrays["id_table"] = self.store.id_table(part)
-        self._parts[part] = arrays
+        arrays = self._parts[part] = self.store.read_part(part)
         if len(self._parts) > self.size:
             self._parts.popitem(last=False)
         return arrays
 
 
 class StoreDataset:
-    """The training selection of a store (split and sources) and its batches."""
+    """The selection of a store (split and sources) and its batches."""
 
     def __init__(self, store: SoftLabelStore, sources: list[str], split: str = "train", pad_id: int = 0):
+        # pad_id: positions past a row's end are masked out and never scored, so callers
+        # without a tokenizer (calibration) may keep 0.
         self.store, self.pad_id = store, pad_id
         table = store.table()
         if not table.num_rows:
@@ -84,7 +100,6 @@ class StoreDataset:
         self.prompt_tokens = t["prompt_tokens"].to_numpy()
         self.label_offset = t["label_offset"].to_numpy()
         self.parts = sorted(set(self.part))
-        self.encoding = store.manifest.encoding
         self._cache = _PartCache(store)
 
     def __len__(self) -> int:
@@ -105,25 +120,23 @@ class StoreDataset:
         return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
     def load(self, positions: np.ndarray) -> Batch:
-        rows = []
-        for i in positions:
-            a = self._cache.get(self.part[i])
-            t0, n, p, l0 = self.token_offset[i], self.n_tokens[i], self.prompt_tokens[i], self.label_offset[i]
-            labels = slice(l0, l0 + n - p)
-            rows.append((a["tokens"][t0 : t0 + n], p, a["id_table"][a["topk_codes"][labels]],
-                         a["topk_logprobs"][labels], a["tail"][labels]))
-        width = max(len(r[0]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        sup = torch.zeros((len(rows), width), dtype=torch.bool)
-        for j, (tokens, p, *_) in enumerate(rows):
-            ids[j, : len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
-            mask[j, : len(tokens)] = 1
-            sup[j, p - 1 : len(tokens) - 1] = True
-        targets = torch.cat([torch.from_numpy(r[0][r[1] :].astype(np.int64)) for r in rows])
-        teacher = TeacherTopK(
-            ids=torch.from_numpy(np.concatenate([r[2] for r in rows])),
-            logprobs=torch.from_numpy(self.encoding.decode(np.concatenate([r[3] for r in rows]))),
-            tail=torch.from_numpy(np.concatenate([r[4] for r in rows]).astype(np.float32)),
-        )
-        return Batch([int(self.seq[i]) for i in positions], ids, mask, sup, targets, teacher)
+        tokens, prompts, ids, logprobs, tail = [], [], [], [], []
+        # Positions come grouped by part (see epoch_order): one decode per part, not per row.
+        for part, run in itertools.groupby(positions, key=self.part.__getitem__):
+            arrays, rows = self._cache.get(part), []
+            for i in run:
+                t0, n, p, l0 = self.token_offset[i], self.n_tokens[i], self.prompt_tokens[i], self.label_offset[i]
+                tokens.append(arrays.tokens[t0 : t0 + n])
+                prompts.append(int(p))
+                rows.append(np.arange(l0, l0 + n - p))
+            label_rows = np.concatenate(rows)
+            ids.append(arrays.ids(label_rows))
+            logprobs.append(arrays.logprobs(label_rows))
+            tail.append(arrays.tail(label_rows))
+        input_ids, mask = pad_batch(tokens, self.pad_id)
+        sup = torch.zeros(input_ids.shape, dtype=torch.bool)
+        for j, (row, p) in enumerate(zip(tokens, prompts)):
+            sup[j, p - 1 : len(row) - 1] = True
+        teacher = TeacherTopK(ids=_join(ids), logprobs=_join(logprobs), tail=_join(tail))
+        targets = torch.from_numpy(np.concatenate([row[p:] for row, p in zip(tokens, prompts)]))  # a copy, not the cache
+        return Batch([int(self.seq[i]) for i in positions], input_ids, mask, sup, targets, teacher)

@@ -384,5 +384,9 @@ def models_list() -> None:
         out.print(f"{name}  {m.wheel}  {m.license}  {state}", highlight=False)
 
 
+from smoothkd.sweep.cli import sweep_app  # noqa: E402
+
+app.add_typer(sweep_app, name="sweep")
+
 if __name__ == "__main__":  # `python -m smoothkd.cli ...`, e.g. under torchrun
     app()

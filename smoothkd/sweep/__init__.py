@@ -1,0 +1,1 @@
+"""`smoothkd sweep`: one YAML file, a plan of hash-named steps over the stages' run(cfg), a report."""

@@ -1,0 +1,260 @@
+"""The sweep file: one YAML document, one typed schema, every problem reported at once with its line.
+
+The training and store options are not declared again here: their pydantic models are built
+from the stage configs' dataclass fields (DistillConfig, PrecomputeConfig), so a new option of
+a stage is a sweep key at once, with the same default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from smoothkd.distill.config import DistillConfig
+from smoothkd.errors import InputError
+from smoothkd.evaluate.config import GENERAL_TASKS, DEFAULT_INSTRUCTION
+from smoothkd.precompute.config import PrecomputeConfig
+
+# Options a sweep sets itself, per stage: where things are, and resuming.
+_DISTILL_OWN = ("store", "out", "model", "resume", "allow_incomplete_store")
+_PRECOMPUTE_OWN = ("dataset", "out", "model", "limit", "fields", "dataset_split", "shard", "overwrite", "skip_invalid")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _fields_model(name: str, cls: type, skip: tuple[str, ...], as_lists: bool) -> type[BaseModel]:
+    """A pydantic model of a stage config's fields (all optional: unset means the stage's default)."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        fields[f.name] = (Optional[list[kind]] if as_lists else Optional[kind],  # type: ignore[valid-type]
+                          Field(None, description=f.metadata.get("help", "")))
+    return create_model(name, __base__=Strict, **fields)
+
+
+@lru_cache(maxsize=None)
+def _models() -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
+    return (_fields_model("Train", DistillConfig, _DISTILL_OWN + ("alpha",), as_lists=False),
+            _fields_model("Grid", DistillConfig, _DISTILL_OWN, as_lists=True),
+            _fields_model("Store", PrecomputeConfig, _PRECOMPUTE_OWN, as_lists=False))
+
+
+class Dataset(Strict):
+    path: str = Field(description="Instruction records (.jsonl or .parquet), relative to the sweep file.")
+    limit: Optional[int] = Field(None, ge=1, description="Use only the first N records.")
+
+
+class Teacher(Strict):
+    model: str = Field(description="Embedded model name, checkpoint directory (relative to the sweep file) or hub id.")
+    finetune: Optional[dict[str, Any]] = Field(
+        None, description="Fine-tune the teacher with plain SFT on the dataset's train split first (distill "
+                          "options, e.g. lr, epochs, batch_size), as the paper does for every teacher.")
+
+
+class Student(Strict):
+    model: str = Field(description="The student's starting model; also the reference row and forgetting's baseline.")
+
+
+class Summarization(Strict):
+    dataset: str = Field(description="JSONL of articles, relative to the sweep file.")
+    limit: Optional[int] = Field(None, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    max_prompt_tokens: int = Field(512, ge=16)
+    batch_size: int = Field(4, ge=1)
+    instruction: str = DEFAULT_INSTRUCTION
+    lookback: bool = True
+
+
+class General(Strict):
+    data_dir: str = Field(description="Folder with the tasks' JSONL files, relative to the sweep file.")
+    tasks: list[str] = Field(default_factory=lambda: list(GENERAL_TASKS))
+    limit: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, tasks: list[str]) -> list[str]:
+        bad = [t for t in tasks if t not in GENERAL_TASKS]
+        if bad or not tasks:
+            raise ValueError(f"tasks must be among {', '.join(GENERAL_TASKS)}, got {bad or tasks}")
+        return tasks
+
+
+class Calibration(Strict):
+    batch_size: int = Field(4, ge=1)
+
+
+class Evaluate(Strict):
+    summarization: list[Summarization] = Field(default_factory=list)
+    general: Optional[General] = None
+    calibration: Optional[Calibration] = None
+    forgetting: bool = Field(True, description="Forgetting against the student's starting model "
+                                               "(general tasks and held-out tokens).")
+
+
+class SweepFile(Strict):
+    """What `smoothkd sweep run` reads. Paths are relative to the sweep file's folder."""
+
+    name: str
+    out: str = Field(description="The sweep's directory: every step, the report.")
+    dataset: Dataset
+    teacher: Teacher
+    student: Student
+    store: dict[str, Any] = Field(default_factory=dict, description="precompute options: top_k, augment, ...")
+    train: dict[str, Any] = Field(default_factory=dict, description="distill options shared by every run.")
+    grid: dict[str, Any] = Field(default_factory=dict, description="distill options as lists: their product.")
+    evaluate: Evaluate = Field(default_factory=Evaluate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """A validated sweep: the file's values, with its stage options checked against the stages."""
+
+    file: SweepFile
+    root: Path  # the sweep file's folder, which relative paths start from
+    store: dict[str, Any]
+    train: dict[str, Any]
+    grid: dict[str, list[Any]]
+    finetune: dict[str, Any] | None
+
+    def path(self, value: str) -> str:
+        """A path from the sweep file, as the stages will see it."""
+        p = Path(value).expanduser()
+        return os.path.normpath(p if p.is_absolute() else self.root / p)
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Parse and validate a sweep file; every problem in one InputError, each with its line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read the sweep file ({e})") from e
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a sweep file is a mapping of keys (name, out, dataset, teacher, ...)")
+    lines = _line_index(node)
+    problems: list[str] = []
+    file = None
+    try:
+        file = SweepFile.model_validate(data)
+    except ValidationError as e:
+        problems += [_problem(path, lines, err["loc"], err["msg"], err["type"], _valid_keys(SweepFile, err["loc"]))
+                     for err in e.errors()]
+    train_m, grid_m, store_m = _models()
+    sections = {"store": store_m, "train": train_m, "grid": grid_m}
+    checked: dict[str, dict[str, Any]] = {}
+    for key, model in sections.items():
+        raw = data.get(key) or {}
+        if not isinstance(raw, dict):
+            continue  # SweepFile reported it
+        try:
+            checked[key] = model.model_validate(raw).model_dump(exclude_none=True)
+        except ValidationError as e:
+            problems += [_problem(path, lines, (key, *err["loc"]), err["msg"], err["type"], sorted(model.model_fields))
+                         for err in e.errors()]
+    finetune = None
+    raw_ft = (data.get("teacher") or {}).get("finetune") if isinstance(data.get("teacher"), dict) else None
+    if isinstance(raw_ft, dict):
+        try:
+            finetune = train_m.model_validate(raw_ft).model_dump(exclude_none=True)
+        except ValidationError as e:
+            problems += [_problem(path, lines, ("teacher", "finetune", *err["loc"]), err["msg"], err["type"],
+                                  sorted(train_m.model_fields)) for err in e.errors()]
+    grid = checked.get("grid", {})
+    for k in set(grid) & set(checked.get("train", {})):
+        problems.append(f"{path}:{lines.get(('grid', k), '?')}: grid.{k} is also set in train: set it in one place")
+    for k, values in grid.items():
+        if not values:
+            problems.append(f"{path}:{lines.get(('grid', k), '?')}: grid.{k} is empty: give at least one value")
+    sweep = None
+    if file is not None:
+        sweep = Sweep(file, path.resolve().parent, checked.get("store", {}), checked.get("train", {}), grid, finetune)
+        problems += _missing_paths(sweep, path, lines)
+    if sweep is None or problems:
+        raise InputError(f"{path}: invalid sweep file:\n  " + "\n  ".join(problems))
+    return sweep
+
+
+def _missing_paths(sweep: Sweep, path: Path, lines: dict[tuple, int]) -> list[str]:
+    """Every dataset and local model named, checked before anything runs."""
+    from smoothkd.models import EMBEDDED
+
+    f = sweep.file
+    problems = []
+    wanted = [(("dataset", "path"), f.dataset.path, "file")]
+    wanted += [(("evaluate", "summarization", i, "dataset"), s.dataset, "file") for i, s in enumerate(f.evaluate.summarization)]
+    if f.evaluate.general:
+        wanted.append((("evaluate", "general", "data_dir"), f.evaluate.general.data_dir, "dir"))
+    for loc, value, kind in wanted:
+        p = Path(sweep.path(value))
+        if not (p.is_file() if kind == "file" else p.is_dir()):
+            problems.append(f"{path}:{lines.get(loc, '?')}: {'.'.join(map(str, loc))}: no such {kind}: {p}")
+    for loc, model in ((("teacher", "model"), f.teacher.model), (("student", "model"), f.student.model)):
+        local = Path(sweep.path(model))
+        # A name that is neither embedded nor a local directory is taken as a hub id, which fails
+        # here (no hub): say so before the first step instead of in its log.
+        if model not in EMBEDDED and not local.is_dir():
+            problems.append(f"{path}:{lines.get(loc, '?')}: {'.'.join(loc)}: {model!r} is neither an embedded model "
+                            f"({', '.join(EMBEDDED)}) nor a directory ({local})")
+    if f.evaluate.general:
+        for task in f.evaluate.general.tasks:
+            if not (Path(sweep.path(f.evaluate.general.data_dir)) / f"{task}.jsonl").is_file():
+                problems.append(f"{path}:{lines.get(('evaluate', 'general', 'data_dir'), '?')}: evaluate.general: "
+                                f"no {task}.jsonl in {sweep.path(f.evaluate.general.data_dir)}")
+    return problems
+
+
+def _line_index(node: yaml.Node | None, loc: tuple = ()) -> dict[tuple, int]:
+    """(key, key, index, ...) -> 1-based line of that value in the YAML text."""
+    out: dict[tuple, int] = {}
+    if node is None:
+        return out
+    out[loc] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            out[(*loc, k.value)] = k.start_mark.line + 1
+            out.update({key: line for key, line in _line_index(v, (*loc, k.value)).items() if key != (*loc, k.value)})
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out.update(_line_index(v, (*loc, i)))
+    return out
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed beside an unknown one, walking the schema along loc."""
+    for key in loc[:-1]:
+        if isinstance(key, int):
+            continue
+        field = model.model_fields.get(str(key))
+        ann = field.annotation if field else None
+        for arg in (*typing.get_args(ann), ann):
+            for inner in (*typing.get_args(arg), arg):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    model = inner
+                    break
+    return sorted(model.model_fields)
+
+
+def _problem(path: Path, lines: dict[tuple, int], loc: tuple, msg: str, kind: str, valid: list[str]) -> str:
+    line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), "?")
+    where = ".".join(map(str, loc))
+    if kind == "extra_forbidden":
+        return f"{path}:{line}: unknown key {where}; valid keys here: {', '.join(valid)}"
+    return f"{path}:{line}: {where}: {msg}"

@@ -1,0 +1,107 @@
+"""One step of a sweep, run in its own process (`python -m smoothkd.sweep.worker STEP_DIR`, or as a
+Ray task): read the step's resolved config, call its stage's `run(cfg)`, mark it done.
+
+A process per step keeps one step's memory, threads and failure away from the others. A step
+that is run again resumes as its stage does: a store from its committed parts, a training run
+from its last checkpoint; an evaluation starts over (it writes its files only at the end).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from smoothkd.sweep.layout import DONE_FILE, FAILED_FILE, LOG_FILE, read_step, write_json_atomic
+
+
+def execute_step(step_dir: str | Path) -> dict[str, Any]:
+    """Run the step in `step_dir` (its step.json written by the planner); its done record."""
+    from smoothkd.sweep import plan as p
+
+    step_dir = Path(step_dir)
+    step = read_step(step_dir)
+    kind, cfg = step["kind"], step["config"]
+    (step_dir / FAILED_FILE).unlink(missing_ok=True)
+    started = time.perf_counter()
+    if kind == p.PRECOMPUTE:
+        from smoothkd.precompute.config import PrecomputeConfig
+        from smoothkd.precompute.run import run
+
+        run(PrecomputeConfig(**cfg), show_progress=False, log=print)
+    elif kind == p.DISTILL:
+        from smoothkd.distill.config import DistillConfig
+        from smoothkd.distill.trainer import run as train
+
+        train(DistillConfig(**cfg), show_progress=False, log=print)
+    elif kind in p.EVAL_KINDS:
+        from smoothkd.evaluate import config as ec, run as er
+
+        config_cls = {p.SUMMARIZATION: ec.SummarizationConfig, p.GENERAL: ec.GeneralConfig,
+                      p.CALIBRATION: ec.CalibrationConfig}[kind]
+        getattr(er, kind)(config_cls(**cfg))
+    elif kind == p.REPORT:
+        from smoothkd.sweep.report import write_report
+
+        write_report(step_dir.parent, cfg)
+    else:
+        raise ValueError(f"{step_dir}: unknown step kind {kind!r}")
+    done = {"seconds": time.perf_counter() - started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json_atomic(step_dir / DONE_FILE, done)
+    return done
+
+
+def main(argv: list[str]) -> int:
+    from smoothkd.errors import SmoothkdError
+
+    step_dir = Path(argv[0])
+    try:
+        execute_step(step_dir)
+    except SmoothkdError as e:  # a user error: one line in the log, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        write_json_atomic(step_dir / FAILED_FILE, {"error": str(e)})
+        return 2
+    except Exception as e:
+        write_json_atomic(step_dir / FAILED_FILE, {"error": f"{type(e).__name__}: {e}"})
+        raise
+    return 0
+
+
+def _log_header(log: Any) -> None:
+    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
+    log.flush()
+
+
+def run_in_subprocess(step_dir: Path) -> bool:
+    """The step in a fresh Python process, its output appended to the step's log; whether it finished."""
+    import subprocess
+
+    with open(step_dir / LOG_FILE, "a") as log:
+        _log_header(log)
+        proc = subprocess.run([sys.executable, "-m", "smoothkd.sweep.worker", str(step_dir)], stdout=log,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0 and not (step_dir / FAILED_FILE).exists():  # killed: it left no record
+        write_json_atomic(step_dir / FAILED_FILE, {"error": f"exit code {proc.returncode}"})
+    return proc.returncode == 0 and (step_dir / DONE_FILE).exists()
+
+
+def run_in_this_process(step_dir: Path) -> bool:
+    """The step in the calling process (a Ray worker of its own, or a test), its output in the log."""
+    import contextlib
+    import traceback
+
+    with open(step_dir / LOG_FILE, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        _log_header(log)
+        try:
+            return main([str(step_dir)]) == 0
+        except Exception:
+            traceback.print_exc(file=log)
+            return False
+
+
+if __name__ == "__main__":
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    sys.exit(main(sys.argv[1:]))

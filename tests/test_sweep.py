@@ -1,0 +1,193 @@
+"""`smoothkd sweep`: the schema's errors, the plan's hashing, and whole sweeps on the tiny model
+(killed and resumed, extended by one alpha, a failing step, the Ray path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from smoothkd.cli import app
+from smoothkd.errors import InputError
+from smoothkd.sweep import runner
+from smoothkd.sweep.plan import build_plan
+from smoothkd.sweep.schema import load_sweep
+from smoothkd.sweep.worker import run_in_this_process
+
+from conftest import REPO, need, write_jsonl
+
+XSUM = REPO / "data" / "xsum" / "xsum_sample.jsonl"
+GENERAL = REPO / "data" / "general"
+
+
+def sweep_file(tmp_path: Path, model: Path, dolly: Path, **changes) -> Path:
+    doc = {
+        "name": "tiny",
+        "out": str(tmp_path / "out"),
+        "dataset": {"path": str(dolly), "limit": 24},
+        "teacher": {"model": str(model)},
+        "student": {"model": str(model)},
+        "store": {"top_k": 8, "max_length": 256, "heldout_fraction": 0.25, "part_size": 12},
+        "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3},
+        "grid": {"alpha": [0, 0.5], "seed": [0, 1]},
+        "evaluate": {"summarization": [{"dataset": str(XSUM), "limit": 2, "max_new_tokens": 8,
+                                         "max_prompt_tokens": 128}],
+                     "general": {"data_dir": str(GENERAL), "limit": 4}, "calibration": {}},
+    }
+    for k, v in changes.items():
+        doc[k] = v
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def killed_at(n: int):
+    """run_in_this_process, but the n-th step is killed after it started (its step.json written)."""
+    calls = {"n": 0}
+
+    def execute(step_dir: Path) -> bool:
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return run_in_this_process(step_dir)
+
+    return execute
+
+
+def test_schema_reports_every_problem_with_its_line(tmp_path, tiny_model, dolly):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"""name: x
+out: o
+dataset:
+  path: {dolly}
+  limt: 3
+teacher: {{model: {tiny_model}}}
+student: {{model: {tmp_path / 'missing'}}}
+store: {{top_k: sixty}}
+train:
+  epochz: 2
+grid:
+  alpha: [0, 0.1]
+""")
+    with pytest.raises(InputError) as e:
+        load_sweep(path)
+    msg = str(e.value)
+    assert f"{path}:5: unknown key dataset.limt; valid keys here: limit, path" in msg
+    assert f"{path}:8: store.top_k" in msg
+    assert f"{path}:10: unknown key train.epochz" in msg and "epochs" in msg
+    # the schema is fine once the typos are fixed; then the missing student directory is named
+    path.write_text(path.read_text().replace("limt", "limit").replace("sixty", "8").replace("epochz", "epochs"))
+    with pytest.raises(InputError, match=r"bad.yaml:7: student.model: .*missing"):
+        load_sweep(path)
+
+
+def test_grid_and_train_cannot_both_set_an_option(tmp_path, tiny_model, dolly):
+    path = sweep_file(tmp_path, tiny_model, dolly, train={"lr": 1e-3}, grid={"lr": [1e-3, 1e-4]})
+    with pytest.raises(InputError, match="grid.lr is also set in train"):
+        load_sweep(path)
+
+
+def test_plan_adds_sft_and_shares_it_and_an_added_alpha_adds_only_its_steps(tmp_path, tiny_model, dolly):
+    base = build_plan(load_sweep(sweep_file(tmp_path, tiny_model, dolly,
+                                            grid={"alpha": [0.5], "loss": ["topk_tail", "topk_renorm"]})))
+    runs = [s for s in base.steps.values() if s.kind == "distill"]
+    # alpha 0 added once: its loss plays no part, so both losses share one SFT run
+    assert sorted((s.role["grid"]["alpha"], s.role["grid"]["loss"]) for s in runs) == [
+        (0.0, "topk_tail"), (0.5, "topk_renorm"), (0.5, "topk_tail")]
+    more = build_plan(load_sweep(sweep_file(tmp_path, tiny_model, dolly,
+                                            grid={"alpha": [0.5, 2.0], "loss": ["topk_tail", "topk_renorm"]})))
+    new = set(more.steps) - set(base.steps)
+    assert set(base.steps) - set(more.steps) == {n for n in base.steps if n.startswith("report-")}
+    new_runs = [n for n in new if n.startswith("run-")]
+    assert len(new_runs) == 2 and all(n.startswith("run-a2-") for n in new_runs)
+    assert all(n.startswith(("run-a2-", "report-")) or "run-a2-" in n for n in new)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_model, dolly):
+    path = sweep_file(tmp_path, tiny_model, dolly)
+    result = CliRunner().invoke(app, ["sweep", "run", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "pending" in result.output and "store-" in result.output and "tokens" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_sweep_killed_and_rerun_ends_with_the_uninterrupted_report(tmp_path, tiny_model, dolly):
+    whole = build_plan(load_sweep(sweep_file(tmp_path / "a", tiny_model, dolly)))
+    runner.prepare(whole)
+    final = runner.run_plan(whole, list(whole.steps.values()), execute=run_in_this_process)
+    assert set(final.values()) == {runner.DONE}, final
+
+    path = sweep_file(tmp_path / "b", tiny_model, dolly)
+    plan = build_plan(load_sweep(path))
+    runner.prepare(plan)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_plan(plan, list(plan.steps.values()), execute=killed_at(6))
+    before = {s.name: s.status for s in runner.states(plan)}
+    done = [n for n, st in before.items() if st == runner.DONE]
+    assert len(done) == 5 and list(before.values()).count(runner.PARTIAL) == 1
+    stamps = {n: (plan.dir(n) / "done.json").stat().st_mtime_ns for n in done}
+    executed = []
+    final = runner.run_plan(plan, list(plan.steps.values()),
+                            execute=lambda d: executed.append(d.name) or run_in_this_process(d))
+    assert set(final.values()) == {runner.DONE}
+    assert not set(executed) & set(done)  # finished steps were skipped
+    assert all((plan.dir(n) / "done.json").stat().st_mtime_ns == stamps[n] for n in done)
+
+    def report(p) -> dict:
+        name = next(n for n in p.steps if n.startswith("report-"))
+        return json.loads((p.dir(name) / "metrics.json").read_text())
+
+    a, b = report(whole), report(plan)
+    assert a["verdicts"] and a["forgetting"]
+    assert a["verdicts"] == b["verdicts"] and a["forgetting"] == b["forgetting"]
+    assert {g: v["metrics"] for g, v in a["groups"].items()} == {g: v["metrics"] for g, v in b["groups"].items()}
+    assert {"start model", "alpha=0 (SFT) original"} <= set(a["groups"])
+    md = (p := plan.dir(next(n for n in plan.steps if n.startswith("report-")))) / "report.md"
+    assert md.read_text().index("## Verdict") < md.read_text().index("## All metrics")
+    assert (p / "report.html").exists() and list(p.glob("forest_*.png"))
+
+    # one more alpha: only its run, that run's evaluations and the report are new
+    grown = build_plan(load_sweep(sweep_file(tmp_path / "b", tiny_model, dolly,
+                                             grid={"alpha": [0, 0.5, 2.0], "seed": [0, 1]})))
+    pending = [s.name for s in runner.states(grown) if s.status != runner.DONE]
+    assert len(pending) == 2 + 2 * 3 + 1 and all("a2-" in n or n.startswith("report-") for n in pending)
+
+
+def test_cli_sweep_names_a_failed_step_and_goes_on(tmp_path, tiny_model, dolly):
+    """The real path: each step a subprocess. A broken article file fails both summarization
+    steps; the training run does not depend on them and finishes; the exit code says not all did."""
+    broken = write_jsonl(tmp_path / "broken.jsonl", ['{"document": "fine"}', "{not json"])
+    path = sweep_file(tmp_path, tiny_model, dolly, grid={"alpha": [0]},
+                      evaluate={"summarization": [{"dataset": str(broken), "max_new_tokens": 4}]})
+    result = CliRunner().invoke(app, ["sweep", "run", str(path)])
+    assert result.exit_code == 1
+    plan = build_plan(load_sweep(path))
+    by_kind = {}
+    for s in runner.states(plan):
+        by_kind.setdefault(s.kind, set()).add(s.status)
+    # the report needs the failed steps: it never started
+    assert by_kind == {"precompute": {"done"}, "distill": {"done"}, "summarization": {"failed"}, "report": {"pending"}}
+    failed = [s for s in runner.states(plan) if s.status == runner.FAILED]
+    assert failed and all("broken.jsonl:2" in Path(s.log).read_text() for s in failed)
+    assert all(s.log in result.output.replace("\n", "") for s in failed)
+    status = CliRunner().invoke(app, ["sweep", "status", str(path), "--json"])
+    assert status.exit_code == 0 and {s["status"] for s in json.loads(status.output)["steps"]} >= {"done", "failed"}
+
+
+def test_sweep_steps_as_ray_tasks_on_two_local_workers(tmp_path, tiny_model, dolly):
+    ray = need("ray")
+    path = sweep_file(tmp_path, tiny_model, dolly, evaluate={"general": {"data_dir": str(GENERAL), "limit": 2,
+                                                                        "tasks": ["arc_easy"]}})
+    plan = build_plan(load_sweep(path))
+    runner.prepare(plan)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        final = runner.run_plan(plan, list(plan.steps.values()), use_ray=True, execute=run_in_this_process)
+    finally:
+        ray.shutdown()
+    assert set(final.values()) == {runner.DONE}, final
+    assert all((plan.dir(s.name) / "done.json").exists() for s in plan.steps.values())

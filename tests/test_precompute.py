@@ -120,7 +120,8 @@ def test_rerun_resumes_and_interrupted_run_equals_uninterrupted(tiny_model, doll
 
     partial = SoftLabelStore(str(out))
     assert [p.name for p in partial.parts] == ["part-000000"]
-    assert [p.name for p in partial.uncommitted] == ["part-000001"]
+    # part 1 was written under a staging name that readers do not list, and is redone on resume
+    assert not partial.uncommitted and [p for p in (out / "parts").iterdir() if p.name.startswith("part-000001.")]
 
     summary = run(cfg(tiny_model, dolly, out), show_progress=False)
     assert summary.parts_skipped == 1 and summary.parts_written == 2

@@ -4,17 +4,22 @@ top-k only. One engine serves the whole session (start-up is ~30 s on this CPU).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import sys
+from typing import Any, Callable
 
 import numpy as np
 import pytest
 import torch
+from transformers import AutoConfig
 from typer.testing import CliRunner
 
 from conftest import need
 from smoothkd.cli import app
 from smoothkd.errors import SmoothkdError
-from smoothkd.precompute.backends.vllm import labels_from_flat, tail_from_topk
+from smoothkd.precompute.backends.vllm import GiB, labels_from_flat, tail_from_topk
 from smoothkd.precompute.config import PrecomputeConfig
 from smoothkd.precompute.run import run
 from smoothkd.storage_schemas import SoftLabelStore
@@ -49,19 +54,110 @@ def test_backend_options_are_refused_before_a_teacher_loads(dolly, tmp_path):
     assert r.exit_code == 2 and "--tensor-parallel-size is for --backend vllm" in r.stderr
     r = runner.invoke(app, [*base, "--backend", "vllm", "--tensor-parallel-size", "0"])
     assert r.exit_code == 2 and "--tensor-parallel-size must be at least 1" in r.stderr
+    r = runner.invoke(app, [*base, "--kv-cache-gib", "2"])
+    assert r.exit_code == 2 and "--kv-cache-gib is for --backend vllm" in r.stderr
+    r = runner.invoke(app, [*base, "--backend", "vllm", "--kv-cache-gib", "nan"])
+    assert r.exit_code == 2 and "--kv-cache-gib must be a positive number of GiB, got nan" in r.stderr
     assert not (tmp_path / "s").exists()
+
+
+@contextlib.contextmanager
+def node_memory(available: Callable[[Any], int]):
+    """NUMA node memory as vLLM reads it (get_memory_node_info, from /sys/devices/system/node/),
+    with `available(real info)` bytes available, in this process. (vLLM's CPU platform spawns its
+    engine processes: they read the real figures, and check them against an explicit KV cache
+    size only.) VLLM_CPU_KVCACHE_SPACE is unset meanwhile, as on a user's machine."""
+    import vllm.utils.cpu_resource_utils as cpu_resources
+
+    real = cpu_resources.get_memory_node_info
+
+    def simulated(node_id: int = 0):
+        info = real(node_id)
+        return dataclasses.replace(info, available_memory=available(info))
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, module in list(sys.modules.items()):  # wherever vLLM imported it by name
+            if name.startswith("vllm") and vars(module).get("get_memory_node_info") is real:
+                mp.setattr(module, "get_memory_node_info", simulated)
+        mp.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+        yield
+
+
+def _below_vllms_share(info) -> int:
+    """Less than vLLM's default share (92% of the node): the page cache of a machine in use."""
+    return min(info.available_memory, int(0.6 * info.total_memory))
 
 
 @pytest.fixture(scope="session")
 def vllm_teacher(smollm2, tmp_path_factory):
+    """The session's engine, started as on a machine whose free memory is below vLLM's default
+    share: its KV cache sized from the job, not from the share (which would refuse to start)."""
     os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes a share of all memory
+    need("vllm")
+    from vllm.config import CacheConfig
+    from vllm.utils.cpu_resource_utils import get_memory_node_info
+
+    from smoothkd.precompute.backends.vllm import VLLMTeacher, _cpu_memory, cpu_kv_cache_bytes, kv_bytes_per_token
+
+    with node_memory(_below_vllms_share):
+        node, available = _cpu_memory()
+        assert available < CacheConfig().gpu_memory_utilization * get_memory_node_info(node).total_memory
+        teacher = VLLMTeacher(smollm2, top_k=K, max_length=MAX_LENGTH)
+    per_token = kv_bytes_per_token(AutoConfig.from_pretrained(smollm2), "float32")
+    expected = cpu_kv_cache_bytes(per_token, teacher.default_batch_size, MAX_LENGTH, available)
+    assert teacher.kv_cache_bytes == expected <= available // 2
+    assert teacher.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == expected
+    yield teacher
+    teacher.llm.llm_engine.engine_core.shutdown()
+
+
+def test_the_kv_cache_is_sized_from_the_job(smollm2):
+    from smoothkd.precompute.backends.vllm import GiB, cpu_kv_cache_bytes, kv_bytes_per_token
+
+    per_token = kv_bytes_per_token(AutoConfig.from_pretrained(smollm2), "float32")
+    assert per_token == 2 * 30 * 3 * 64 * 4  # K and V x 30 layers x 3 KV heads x head dim 64 x float32
+    assert kv_bytes_per_token(AutoConfig.from_pretrained(smollm2), "bfloat16") == per_token // 2
+    one = per_token * 768  # 512 + 1 tokens, in whole blocks of 256
+    assert cpu_kv_cache_bytes(per_token, 8, 512, 64 * GiB) == 8 * one  # what the job needs
+    assert cpu_kv_cache_bytes(per_token, 512, 512, 4 * GiB) == 2 * GiB  # at most half of what is available
+    assert cpu_kv_cache_bytes(per_token, 512, 512, one) == one  # never less than one sequence
+
+
+def test_a_kv_cache_that_cannot_fit_is_refused_before_the_engine_starts(dolly, smollm2, tmp_path):
+    need("vllm")
+    base = ["precompute", "teacher", "--model", smollm2, "--dataset", str(dolly), "--limit", "2",
+            "--backend", "vllm", "--max-length", str(MAX_LENGTH), "--out", str(tmp_path / "s")]
+    with node_memory(lambda info: 3 * GiB):
+        r = runner.invoke(app, [*base, "--kv-cache-gib", "5"])
+    message = " ".join(r.stderr.split())
+    assert r.exit_code == 2 and "KV cache of 5.00 GiB (--kv-cache-gib 5.0)" in message, r.output + r.stderr
+    assert "3.00 GiB available" in message and "Set --kv-cache-gib between 0.03 and 3.00" in message
+    with node_memory(lambda info: 20 << 20):  # 20 MiB: not even one sequence of 512 tokens
+        r = runner.invoke(app, base)
+    assert r.exit_code == 2 and "lower --max-length" in " ".join(r.stderr.split())
+    with node_memory(lambda info: 3 * GiB), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        r = runner.invoke(app, [*base, "--kv-cache-gib", "1"])
+    assert r.exit_code == 2 and "unset one" in r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_engine_that_fails_to_start_is_one_clear_message(smollm2):
+    """Memory taken between smoothkd's look and vLLM's own (its engine process reads the real
+    figure): vLLM's failure, in its engine process, becomes one message saying what to set."""
     need("vllm")
     from smoothkd.precompute.backends.vllm import VLLMTeacher
 
-    teacher = VLLMTeacher(smollm2, top_k=K, max_length=MAX_LENGTH)
-    yield teacher
-    teacher.llm.llm_engine.engine_core.shutdown()
+    with node_memory(lambda info: 10 * info.total_memory):
+        from vllm.utils.cpu_resource_utils import get_memory_node_info
+
+        too_much = 2 * get_memory_node_info(0).total_memory / GiB  # twice what the node really holds
+        with pytest.raises(SmoothkdError) as e:
+            VLLMTeacher(smollm2, top_k=K, max_length=MAX_LENGTH, kv_cache_gib=too_much)
+    message = str(e.value)
+    assert message.startswith("vLLM's engine did not start (")
+    assert f"its KV cache was {too_much:.2f} GiB (--kv-cache-gib" in message
+    assert "set --kv-cache-gib lower (or VLLM_CPU_KVCACHE_SPACE, in GiB)" in message
 
 
 def test_flat_logprobs_layout_is_checked():

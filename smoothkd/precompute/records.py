@@ -52,8 +52,9 @@ def parse_field_map(items: list[str] | None) -> dict[str, str]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    # not objects-only: _check reports a non-object row as an invalid record (--skip-invalid applies)
-    for lineno, value in read_jsonl(path, objects=False):
+    # Not objects-only, and unreadable lines kept: _check reports a non-object row, a line that
+    # is not UTF-8 or not JSON, as an invalid record (so --skip-invalid skips and counts it).
+    for lineno, value in read_jsonl(path, objects=False, keep_invalid=True):
         yield f"{path}:{lineno}", value
 
 
@@ -96,6 +97,8 @@ def iter_raw(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
 
 def _check(where: str, raw: Any, index: int, field_map: dict[str, str]) -> Record | str:
     """A Record, or the reason the raw row is not a valid one."""
+    if isinstance(raw, InputError):  # a line that could not be read; the message names file and line
+        return str(raw)
     if not isinstance(raw, dict):
         return f"{where}: expected a JSON object, got {type(raw).__name__}"
     values: dict[str, str] = {}

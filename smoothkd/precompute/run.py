@@ -232,16 +232,21 @@ def run(cfg: PrecomputeConfig, show_progress: bool = True, log: Callable[[str], 
     counts = PartCounts()
     with progress:
         task = progress.add_task("teacher", total=sum(pipeline.work(len(b)) for b in blocks.values()), tok="")
+        written = 0
         for p, block in blocks.items():
+            if p in writer.committed_parts():  # another writer of this store committed it meanwhile
+                continue
             part, part_counts = pipeline.build(block)
-            writer.write_part(p, part, {
+            if writer.write_part(p, part, {
                 "record_start": p * cfg.part_size,
                 "record_end": p * cfg.part_size + len(block),
                 "dropped": dict(part_counts.dropped),
                 "truncated": part_counts.truncated,
                 "shard": cfg.shard,
                 "tool_version": __version__,
-            })
+            }) is None:
+                continue  # the other writer's commit came first: its copy is the part
             counts += part_counts
-    return Summary.of(counts, out=cfg.out, parts_written=len(blocks), parts_skipped=len(mine) - len(blocks),
+            written += 1
+    return Summary.of(counts, out=cfg.out, parts_written=written, parts_skipped=len(mine) - written,
                       invalid_records=len(loaded.skipped), seconds=time.perf_counter() - started)

@@ -1,15 +1,15 @@
 """Writing a store: create or check the manifest, then write immutable parts.
 
-A part is written under its final name and becomes visible only when its commit.json is
-written, last and atomically. A killed writer therefore leaves at most an uncommitted
-part directory, which readers ignore and the next run deletes and rewrites.
+On local disks a part is written under a temporary name and committed by renaming it to its
+final name, commit.json inside; on object stores it is written under its final name and
+committed by writing its commit.json last. A killed writer leaves at most temporary files or
+an uncommitted part, which readers ignore and the next run removes and rewrites.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,21 +17,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
-from zarr.errors import ContainsGroupError
 
 from smoothkd import __version__
 from smoothkd.errors import StoreError
 from smoothkd.storage_schemas import spec
-from smoothkd.storage_schemas.fsio import StoreLocation
+from smoothkd.storage_schemas.fsio import PARTIAL, StoreLocation, partial_name
 from smoothkd.storage_schemas.reader import list_parts, read_manifest
-
-# How long a writer waits for a concurrent shard's manifest before calling a directory foreign.
-CREATE_WAIT_POLLS = 5
-CREATE_WAIT_SECONDS = 0.4
 
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _group_metadata(attributes: dict[str, Any]) -> dict[str, Any]:
+    """A Zarr v3 group's zarr.json, written by the writer itself where it must control the write."""
+    return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
 
 
 @dataclass
@@ -101,7 +101,12 @@ class PartBuilder:
 
 
 class StoreWriter:
-    """Opens (creating or checking) a store for writing parts."""
+    """Opens (creating or checking) a store for writing parts.
+
+    Safe with other writers into the same store (shards, or one run started twice): the
+    manifest is created exclusively, and a part is committed once; a writer that finds a part
+    committed by another discards its own copy (FORMAT.md, "Concurrent writers").
+    """
 
     def __init__(self, url: str, manifest: spec.Manifest, overwrite: bool = False):
         self.loc = StoreLocation(url)
@@ -109,69 +114,122 @@ class StoreWriter:
         self._open(overwrite)
 
     def _open(self, overwrite: bool) -> None:
-        # Shards started together (Ray, a job array) create the store at the same moment: a
-        # directory without a manifest may be another shard's, about to write it, and a create
-        # can lose the race to one. Both are looked at again before anything is refused.
-        for attempt in range(CREATE_WAIT_POLLS):
-            last = attempt == CREATE_WAIT_POLLS - 1
-            existing = read_manifest(self.loc, missing_ok=True)
-            if existing is None and self.loc.fs.exists(self.loc.root) and self.loc.listdir():
-                if not last:
-                    time.sleep(CREATE_WAIT_SECONDS)
-                    continue
+        existing = read_manifest(self.loc, missing_ok=True)
+        # Temporary files (of a writer killed while creating the manifest, or creating it now)
+        # do not make a directory someone else's.
+        if existing is None and any(not name.endswith(PARTIAL) for name in self.loc.listdir()):
+            raise StoreError(
+                f"{self.loc.url} exists and is not a smoothkd store; choose an empty or new --out "
+                "(--overwrite only replaces smoothkd stores)"
+            )
+        diff = spec.identity_diff(existing.identity(), self.manifest.identity()) if existing else []
+        if diff:
+            if not overwrite:
                 raise StoreError(
-                    f"{self.loc.url} exists and is not a smoothkd store; choose an empty or new --out "
-                    "(--overwrite only replaces smoothkd stores)"
+                    f"{self.loc.url} holds a store built differently; refusing to mix them "
+                    "(pass --overwrite to replace it, or choose another --out):\n  " + "\n  ".join(diff)
                 )
-            if existing is not None:
-                diff = spec.identity_diff(existing.identity(), self.manifest.identity())
-                if not diff:
-                    self.manifest = existing  # resume: keep the original creation record
-                    return
-                if not overwrite:
-                    raise StoreError(
-                        f"{self.loc.url} holds a store built differently; refusing to mix them "
-                        "(pass --overwrite to replace it, or choose another --out):\n  " + "\n  ".join(diff)
-                    )
-                self.loc.remove()
-            try:
-                self._create()
-            except ContainsGroupError:  # another writer created it between our look and our write
-                if last:
-                    raise StoreError(f"{self.loc.url}: another writer keeps creating the store; try again")
-                time.sleep(CREATE_WAIT_SECONDS)
-                continue
-            # zarr's "w-" checks, then writes: two writers can both pass the check, and the last
-            # write wins. Read back what won and refuse if it is another build.
-            won = read_manifest(self.loc)
-            diff = spec.identity_diff(won.identity(), self.manifest.identity())
+            self._remove_store()
+            existing = None
+        if existing is None:
+            self.loc.create_json(self._root_metadata(), "zarr.json")
+            # Ours, or the manifest of a writer that created the store between our look and our create.
+            existing = read_manifest(self.loc)
+            diff = spec.identity_diff(existing.identity(), self.manifest.identity())
             if diff:
                 raise StoreError(f"{self.loc.url} was created at the same moment by a run built differently; "
                                  "refusing to mix them:\n  " + "\n  ".join(diff))
-            self.manifest = won
-            return
+        self.manifest = existing  # on resume, the original creation record
 
-    def _create(self) -> None:
-        manifest = spec.Manifest.from_json({
-            **self.manifest.to_json(),
-            "created": _now(),
-            "tool": {"name": "smoothkd", "version": __version__},
-        })
-        # One write of the root metadata, manifest included: a concurrent shard never sees a
-        # root group without its manifest. "w-": fail if one is already there.
-        zarr.open_group(self.loc.zarr_store(), mode="w-", zarr_format=3,
-                        attributes={spec.MANIFEST_KEY: manifest.to_json()})
-        self.manifest = manifest
+    def _root_metadata(self) -> dict[str, Any]:
+        """The root group's zarr.json, manifest included: one file, so a store never lacks its manifest."""
+        manifest = {**self.manifest.to_json(), "created": _now(), "tool": {"name": "smoothkd", "version": __version__}}
+        return _group_metadata({spec.MANIFEST_KEY: manifest})
+
+    def _remove_store(self) -> None:
+        """Delete the store for --overwrite in an order that leaves, wherever a kill stops it, a store
+        (the manifest goes last) whose every committed part is whole (commits go first)."""
+        for name in self.loc.listdir(spec.PARTS_DIR):
+            self.loc.remove(spec.PARTS_DIR, name, spec.COMMIT_FILE)
+        for name in self.loc.listdir():
+            if name != "zarr.json":
+                self.loc.remove(name)
+        self.loc.remove("zarr.json")
 
     def committed_parts(self) -> set[int]:
         return {p.index for p in list_parts(self.loc) if p.committed}
 
-    def write_part(self, index: int, part: PartBuilder, info: dict[str, Any]) -> dict[str, Any]:
-        """Write one part and commit it; returns its commit record."""
+    def _committed(self, *parts: str) -> bool:
+        """Whether a part directory holds a readable commit.json (what readers call committed)."""
+        try:
+            self.loc.read_json(*parts, spec.COMMIT_FILE)
+        except (OSError, ValueError):  # missing, or torn by an older writer (ValueError: bad JSON or UTF-8)
+            return False
+        return True
+
+    def write_part(self, index: int, part: PartBuilder, info: dict[str, Any]) -> dict[str, Any] | None:
+        """Write one part and commit it: its commit record, or None when another writer into this
+        store committed the part first (then this copy is discarded and theirs kept)."""
         name = spec.part_name(index)
-        self.loc.remove(spec.PARTS_DIR, name)  # leftovers of a killed run
-        group = zarr.open_group(self.loc.zarr_store(), mode="a", zarr_format=3, path=f"{spec.PARTS_DIR}/{name}")
+        if self._committed(spec.PARTS_DIR, name):
+            return None
         arrays = part.arrays(self.manifest)
+        commit = {
+            "part": index,
+            "n_sequences": len(part.rows),
+            "n_tokens": part.n_tokens,
+            "n_labels": part.n_labels,
+            "arrays": {n: list(arrays[n].shape) for n in spec.ARRAY_NAMES},
+            "created": _now(),
+            **info,
+        }
+        if not self.loc.exists(spec.PARTS_DIR, "zarr.json"):  # the parts group, on disk before any part in it
+            self.loc.write_json_atomic(_group_metadata({}), spec.PARTS_DIR, "zarr.json")
+        if not self.loc.is_local:
+            # No atomic rename on object stores: the part is written under its final name and the
+            # commit is created exclusively (first one wins where the filesystem has conditional writes).
+            self.loc.remove(spec.PARTS_DIR, name)  # leftovers of a killed run
+            self._write_files(name, part, arrays)
+            return commit if self.loc.create_json(commit, spec.PARTS_DIR, name, spec.COMMIT_FILE) else None
+        if self.loc.exists(spec.PARTS_DIR, name):
+            self._set_aside(name)
+        staging = partial_name(name)
+        try:
+            self._write_files(staging, part, arrays)
+            self.loc.write_json_atomic(commit, spec.PARTS_DIR, staging, spec.COMMIT_FILE)
+            self.loc.sync(spec.PARTS_DIR, staging)
+            kept = self.loc.rename_to_new((spec.PARTS_DIR, staging), (spec.PARTS_DIR, name))
+        except OSError:
+            # Another writer committed this part and removed our staging copy below, mid-write.
+            if not self._committed(spec.PARTS_DIR, name):
+                raise
+            kept = False
+        # Staging copies of this part (ours when another writer won; those of killed writers):
+        # any writer still filling one can no longer commit it, since the final name is taken.
+        for leftover in self.loc.listdir(spec.PARTS_DIR):
+            if leftover.startswith(f"{name}.") and leftover.endswith(PARTIAL):
+                try:
+                    self.loc.remove(spec.PARTS_DIR, leftover)
+                except OSError:  # a writer still adding files to it: it removes it on finding the part committed
+                    pass
+        return commit if kept else None
+
+    def _set_aside(self, name: str) -> None:
+        """Move an uncommitted directory under a part's final name (an older smoothkd's killed
+        write) out of the way, to be removed with the staging copies. Moved, not deleted in
+        place: a part another writer commits meanwhile is put back, not lost."""
+        aside = partial_name(name)
+        try:
+            self.loc.rename_to_new((spec.PARTS_DIR, name), (spec.PARTS_DIR, aside))
+        except FileNotFoundError:  # another writer moved it first
+            return
+        if self._committed(spec.PARTS_DIR, aside):
+            self.loc.rename_to_new((spec.PARTS_DIR, aside), (spec.PARTS_DIR, name))
+
+    def _write_files(self, directory: str, part: PartBuilder, arrays: dict[str, np.ndarray]) -> None:
+        """The part's arrays and table under parts/<directory>/, everything but its commit."""
+        # A store rooted at the part: zarr would otherwise rewrite (or try to) the groups above it.
+        group = zarr.open_group(self.loc.zarr_store(spec.PARTS_DIR, directory), mode="w-", zarr_format=3)
         for a in spec.ARRAYS:
             data = arrays[a.name]
             rows = max(1, data.shape[0])
@@ -186,18 +244,7 @@ class StoreWriter:
             )
         pq.write_table(
             part.table(),
-            self.loc.path(spec.PARTS_DIR, name, spec.TABLE_FILE),
+            self.loc.path(spec.PARTS_DIR, directory, spec.TABLE_FILE),
             filesystem=self.loc.fs,
             compression="zstd",
         )
-        commit = {
-            "part": index,
-            "n_sequences": len(part.rows),
-            "n_tokens": part.n_tokens,
-            "n_labels": part.n_labels,
-            "arrays": {n: list(arrays[n].shape) for n in spec.ARRAY_NAMES},
-            "created": _now(),
-            **info,
-        }
-        self.loc.write_json_atomic(commit, spec.PARTS_DIR, name, spec.COMMIT_FILE)
-        return commit

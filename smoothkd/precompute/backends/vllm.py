@@ -8,6 +8,11 @@ only when this backend is chosen.
 vLLM returns, per position, the true (or sampled) token first and then the top-k, sorted
 (`flat_logprobs=True` keeps them in flat lists instead of one Python object per entry). It
 gives no tail mass, so the tail is computed from the top-k in float64 (`tail_from_topk`).
+
+On CPUs the KV cache is sized from the job (`cpu_kv_cache_bytes`) unless --kv-cache-gib or
+VLLM_CPU_KVCACHE_SPACE sets it: vLLM's default, 92% of the NUMA node, fails to start on any
+machine whose page cache is in use. A start that fails anyway is one SmoothkdError saying what
+to set.
 """
 
 from __future__ import annotations
@@ -62,6 +67,41 @@ def labels_from_flat(flat: Any, start: int, targets: list[int], k: int, where: s
                       true_logprob=lps[:, 0].astype(np.float32), tail=tail_from_topk(lps[:, 1:]).astype(np.float32))
 
 
+GiB = 1 << 30
+KV_BLOCK_TOKENS = 256  # the largest KV block vLLM's CPU backend uses: a sequence takes whole blocks
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # vLLM's own setting, whole GiB, CPU only
+
+
+def kv_bytes_per_token(config: Any, dtype: str) -> int:
+    """KV cache bytes per token: keys and values of every layer's KV heads (an upper bound for
+    models that share or compress them)."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * _DTYPE_BYTES.get(dtype, 4)
+
+
+def cpu_kv_cache_bytes(per_token: int, batch_size: int, max_length: int, available: int) -> int:
+    """The CPU KV cache a job needs: `batch_size` sequences of `max_length` tokens (+1, what
+    vLLM adds), at most half the memory available (the rest is for the weights, activations
+    and whatever else runs), and never less than one sequence (vLLM will not start with less).
+
+    vLLM's own default reserves 92% of the NUMA node's memory and refuses to start when less
+    than that is available, as on any machine whose page cache is in use."""
+    one = per_token * -(-(max_length + 1) // KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS
+    return max(one, min(one * batch_size, available // 2))
+
+
+def _cpu_memory() -> tuple[int, int]:
+    """(NUMA node, bytes available on it) where vLLM's CPU worker will allocate, read as vLLM reads it."""
+    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+    node = get_allowed_cpu_list()[0].numa_node
+    return node, get_memory_node_info(node).available_memory
+
+
 def _cpu_defaults() -> None:
     """Environment for vLLM's CPU build, set before its engine starts, unless already set."""
     if not hasattr(os, "sched_getaffinity"):  # not Linux: leave vLLM's own choice
@@ -77,7 +117,8 @@ class VLLMTeacher:
     default_batch_size = 512  # vLLM schedules a call's sequences itself: hand it many at once
 
     def __init__(self, location: str, top_k: int, max_length: int, dtype: str = "auto",
-                 tensor_parallel_size: int = 1, seed: int = 0):
+                 tensor_parallel_size: int = 1, seed: int = 0, batch_size: int | None = None,
+                 kv_cache_gib: float | None = None):
         # vLLM logs every engine step at INFO; smoothkd's progress bar says what is happening.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:
@@ -108,22 +149,69 @@ class VLLMTeacher:
         self.stop_ids = stop_ids(self.tokenizer, generation_config)
         self.revision = getattr(config, "_commit_hash", None)
         self.top_k = top_k
-        gpu: dict[str, Any] = {} if cpu else {
+        memory: dict[str, Any] = {} if cpu else {
             # vLLM sizes its KV cache without the prompt log-probs' logits peak (scheduled tokens x
             # vocabulary x 6 bytes, 7.5 GiB at 8k tokens and a 152k vocabulary: vllm#5907, #52054).
             "gpu_memory_utilization": 0.8}
-        self.llm = LLM(
-            model=location, tokenizer=location, dtype=dtype, seed=seed, **gpu,
-            # +1: vLLM wants room for one output token even when it only scores a prompt, and a
-            # sequence may be exactly --max-length long. (Requests with prompt log-probs skip
-            # reading the prefix cache by themselves; greedy generation still uses it.)
-            max_model_len=max_length + 1, tensor_parallel_size=tensor_parallel_size,
-            max_logprobs=top_k, logprobs_mode="raw_logprobs",  # log-softmax of the unprocessed logits
-            enforce_eager=cpu,  # CUDA graphs pay off on GPU; on CPU compiling costs minutes at start
-        )
+        sizing = ""  # on CPUs, the KV cache chosen, for messages
+        if cpu:
+            memory["kv_cache_memory_bytes"], sizing = self._size_cpu_kv_cache(
+                kv_bytes_per_token(config, dtype), batch_size or self.default_batch_size, max_length, kv_cache_gib)
+        elif kv_cache_gib is not None:
+            memory["kv_cache_memory_bytes"] = int(kv_cache_gib * GiB)  # honoured by vLLM's GPU worker too
+        try:
+            self.llm = LLM(
+                model=location, tokenizer=location, dtype=dtype, seed=seed, **memory,
+                # +1: vLLM wants room for one output token even when it only scores a prompt, and a
+                # sequence may be exactly --max-length long. (Requests with prompt log-probs skip
+                # reading the prefix cache by themselves; greedy generation still uses it.)
+                max_model_len=max_length + 1, tensor_parallel_size=tensor_parallel_size,
+                max_logprobs=top_k, logprobs_mode="raw_logprobs",  # log-softmax of the unprocessed logits
+                enforce_eager=cpu,  # CUDA graphs pay off on GPU; on CPU compiling costs minutes at start
+            )
+        except Exception as e:  # noqa: BLE001 - vLLM's engine processes fail with many types
+            what = (f"its KV cache was {sizing}: set --kv-cache-gib lower (or {KVCACHE_ENV}, in "
+                    "GiB), lower --batch-size or --max-length, or free memory" if cpu else
+                    "set --kv-cache-gib to size its KV cache, lower --max-length, or free GPU memory "
+                    "(it takes 80% of the GPU)")
+            raise SmoothkdError(f"vLLM's engine did not start ({type(e).__name__}: {e}; vLLM's log above "
+                                f"has the cause). On this machine {what}") from e
+        self.kv_cache_bytes = memory.get("kv_cache_memory_bytes")
         model_config = self.llm.llm_engine.model_config
         self.vocab_size = int(model_config.get_vocab_size())
         self.dtype = str(model_config.dtype).removeprefix("torch.")
+
+    @staticmethod
+    def _size_cpu_kv_cache(per_token: int, batch_size: int, max_length: int,
+                           kv_cache_gib: float | None) -> tuple[int, str]:
+        """The KV cache for the CPU engine, in bytes, and how it was chosen (for messages);
+        refused here, with what to set, when the memory available cannot hold it."""
+        env = os.environ.get(KVCACHE_ENV, "")
+        if kv_cache_gib is not None and env:
+            raise SmoothkdError(f"--kv-cache-gib {kv_cache_gib} and {KVCACHE_ENV}={env} both set the KV cache "
+                                f"size (vLLM would use {KVCACHE_ENV}): unset one")
+        node, available = _cpu_memory()
+        one = cpu_kv_cache_bytes(per_token, 1, max_length, 0)
+        if kv_cache_gib is not None or env:
+            try:
+                size = int((kv_cache_gib if kv_cache_gib is not None else int(env)) * GiB)
+            except ValueError:
+                raise SmoothkdError(f"{KVCACHE_ENV}={env!r} must be a whole number of GiB") from None
+            source = f"--kv-cache-gib {kv_cache_gib}" if kv_cache_gib is not None else f"{KVCACHE_ENV}={env}"
+        else:
+            size = cpu_kv_cache_bytes(per_token, batch_size, max_length, available)
+            source = f"sized for --batch-size {batch_size} x --max-length {max_length}, at most half the memory available"
+        where = f"NUMA node {node} has {available / GiB:.2f} GiB available"
+        if one > available:
+            raise SmoothkdError(f"the vLLM CPU engine cannot start: one sequence of --max-length {max_length} needs "
+                                f"{one / GiB:.2f} GiB of KV cache and {where}: lower --max-length, or free memory")
+        if not one <= size <= available:
+            raise SmoothkdError(f"the vLLM CPU engine cannot start with a KV cache of {size / GiB:.2f} GiB ({source}): "
+                                f"{where} and one sequence of --max-length {max_length} needs {one / GiB:.2f} GiB. "
+                                f"Set --kv-cache-gib between {one / GiB:.2f} and {available / GiB:.2f}, or leave it "
+                                f"and {KVCACHE_ENV} unset to size it from the job")
+        sizing = f"{size / GiB:.2f} GiB ({source}; {where})"
+        return size, sizing
 
     @classmethod
     def from_config(cls, location: str, cfg: PrecomputeConfig) -> VLLMTeacher:
@@ -131,7 +219,8 @@ class VLLMTeacher:
             raise SmoothkdError(f"--device {cfg.device} is for --backend hf; vLLM uses the GPUs in "
                                 "CUDA_VISIBLE_DEVICES (or the CPU with the vllm-cpu build)")
         return cls(location, top_k=cfg.top_k, max_length=cfg.max_length, dtype=cfg.dtype,
-                   tensor_parallel_size=cfg.tensor_parallel_size)
+                   tensor_parallel_size=cfg.tensor_parallel_size, batch_size=cfg.batch_size,
+                   kv_cache_gib=cfg.kv_cache_gib)
 
     def _check_k(self, top_k: int) -> None:
         if top_k != self.top_k:

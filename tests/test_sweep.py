@@ -180,8 +180,9 @@ def test_cli_sweep_names_a_failed_step_and_goes_on(tmp_path, tiny_model, dolly):
 
 def test_sweep_steps_as_ray_tasks_on_two_local_workers(tmp_path, tiny_model, dolly):
     ray = need("ray")
-    path = sweep_file(tmp_path, tiny_model, dolly, evaluate={"general": {"data_dir": str(GENERAL), "limit": 2,
-                                                                        "tasks": ["arc_easy"]}})
+    # few steps: each Ray task is a fresh worker process that imports torch
+    path = sweep_file(tmp_path, tiny_model, dolly, ray_shards=2, grid={"alpha": [0, 0.5]},
+                      evaluate={"general": {"data_dir": str(GENERAL), "limit": 2, "tasks": ["arc_easy"]}})
     plan = build_plan(load_sweep(path))
     runner.prepare(plan)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -191,3 +192,20 @@ def test_sweep_steps_as_ray_tasks_on_two_local_workers(tmp_path, tiny_model, dol
         ray.shutdown()
     assert set(final.values()) == {runner.DONE}, final
     assert all((plan.dir(s.name) / "done.json").exists() for s in plan.steps.values())
+    store = next(s for s in plan.steps.values() if s.kind == "precompute")
+    assert "ray: 2 shard task(s)" in (plan.dir(store.name) / "log.txt").read_text()
+    parts = sorted(p.name for p in (plan.dir(store.name) / "store" / "parts").iterdir() if p.name.startswith("part-"))
+    assert parts == ["part-000000", "part-000001"]
+
+
+def test_a_sweep_built_differently_is_refused_in_the_same_out(tmp_path, tiny_model, dolly):
+    plan = build_plan(load_sweep(sweep_file(tmp_path, tiny_model, dolly)))
+    runner.prepare(plan)
+    other = build_plan(load_sweep(sweep_file(tmp_path, tiny_model, dolly, store={"top_k": 4})))
+    with pytest.raises(InputError, match="built differently .*store"):
+        runner.prepare(other)
+    runner.prepare(other, overwrite=True)
+    # a grid value added is the same experiment, extended
+    grown = build_plan(load_sweep(sweep_file(tmp_path, tiny_model, dolly, store={"top_k": 4},
+                                             grid={"alpha": [0, 0.5, 1.0]})))
+    runner.prepare(grown)

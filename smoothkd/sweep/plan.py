@@ -80,7 +80,7 @@ def build_plan(sweep: Sweep) -> Plan:
         # labels are never read at alpha 0), with the same split, lengths and parts as the main store.
         stated = {**sweep.store, **dataset, "model": f.teacher.model, "top_k": 1, "augment": []}
         sft_store = add("sftstore", PRECOMPUTE, stated, _precompute(stated, dataset_resolved, teacher_model), (),
-                        store_tokens)
+                        store_tokens, {"ray_shards": f.ray_shards} if f.ray_shards else {})
         stated = {**sweep.finetune, "alpha": 0.0, "model": f.teacher.model, "store": f"step:{sft_store.name}"}
         ft = add("teacher", DISTILL, stated,
                  _distill({**sweep.finetune, "alpha": 0.0}, teacher_model, step_path(sft_store.name, STORE_SUBDIR)),
@@ -88,8 +88,10 @@ def build_plan(sweep: Sweep) -> Plan:
         teacher_model, teacher_stated, teacher_needs = step_path(ft.name), f"step:{ft.name}", (ft.name,)
 
     stated = {**sweep.store, **dataset, "model": teacher_stated}
+    # how a store is built (shards as Ray tasks or not) does not change it: a role, not in the hash
+    shards = {"ray_shards": f.ray_shards} if f.ray_shards else {}
     store = add("store", PRECOMPUTE, stated, _precompute(stated, dataset_resolved, teacher_model), teacher_needs,
-                store_tokens * (2 if sweep.store.get("augment") else 1))
+                store_tokens * (2 if sweep.store.get("augment") else 1), shards)
     store_url = step_path(store.name, STORE_SUBDIR)
 
     student = _model(sweep, f.student.model)

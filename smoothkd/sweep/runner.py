@@ -143,6 +143,8 @@ def _run_ray(plan: Plan, steps: list[Step], status: dict[str, str], on_change: C
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    # a store's own --ray-shards tasks, started from a step's process, join this cluster
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     # max_calls=1: a fresh worker process per step, so one step's memory is not the next one's
     task = ray.remote(num_gpus=gpus, max_calls=1, max_retries=0)(_ray_step)

@@ -116,6 +116,8 @@ class SweepFile(Strict):
     train: dict[str, Any] = Field(default_factory=dict, description="distill options shared by every run.")
     grid: dict[str, Any] = Field(default_factory=dict, description="distill options as lists: their product.")
     evaluate: Evaluate = Field(default_factory=Evaluate)
+    ray_shards: Optional[int] = Field(None, ge=1, description="Build each store as N Ray tasks "
+                                                           "(precompute --ray-shards N).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,12 @@ def execute_step(step_dir: str | Path) -> dict[str, Any]:
         from smoothkd.precompute.config import PrecomputeConfig
         from smoothkd.precompute.run import run
 
-        run(PrecomputeConfig(**cfg), show_progress=False, log=print)
+        if step["role"].get("ray_shards"):
+            from smoothkd.precompute.ray_shards import run_on_ray
+
+            run_on_ray(PrecomputeConfig(**cfg), step["role"]["ray_shards"], log=print)
+        else:
+            run(PrecomputeConfig(**cfg), show_progress=False, log=print)
     elif kind == p.DISTILL:
         from smoothkd.distill.config import DistillConfig
         from smoothkd.distill.trainer import run as train

@@ -8,6 +8,7 @@ from its last checkpoint; an evaluation starts over (it writes its files only at
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,8 +85,10 @@ def run_in_subprocess(step_dir: Path) -> bool:
 
     with open(step_dir / LOG_FILE, "a") as log:
         _log_header(log)
+        # unbuffered, so that the log follows a long step as it goes
         proc = subprocess.run([sys.executable, "-m", "smoothkd.sweep.worker", str(step_dir)], stdout=log,
-                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0 and not (step_dir / FAILED_FILE).exists():  # killed: it left no record
         write_json_atomic(step_dir / FAILED_FILE, {"error": f"exit code {proc.returncode}"})
     return proc.returncode == 0 and (step_dir / DONE_FILE).exists()

@@ -285,7 +285,7 @@ def store_info(url: str = typer.Argument(..., help="Store directory or fsspec UR
 @friendly
 def store_verify(url: str = typer.Argument(..., help="Store directory or fsspec URL."),
                  json_: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Check every part: shapes, dtypes, id range, sorted log-probs, mass + tail = 1, offsets."""
+    """Check every part: files against their digests, chunk checksums, shapes, dtypes, id range, sorted log-probs, mass + tail = 1, offsets."""
     from smoothkd.storage_schemas import SoftLabelStore, verify_store
 
     store = SoftLabelStore(url)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -173,6 +175,16 @@ def _part_group(tmp_path):
     return zarr.open_group(str(tmp_path / "s" / "parts" / "part-000000"), mode="r+")
 
 
+def recommit(part: Path) -> None:
+    """Record a part's files in its commit.json as they are now: what a writer with a bug would
+    commit, so that verify's format checks, not the digests, must find what is wrong."""
+    commit = json.loads((part / "commit.json").read_text())
+    commit["files"] = {str(f.relative_to(part)): {"bytes": f.stat().st_size,
+                                                  "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                       for f in sorted(part.rglob("*")) if f.is_file() and f.name != "commit.json"}
+    (part / "commit.json").write_text(json.dumps(commit))
+
+
 def _faults(tmp_path):
     report = verify_store(SoftLabelStore(str(tmp_path / "s")))
     assert not report.ok
@@ -193,6 +205,7 @@ def test_verify_names_the_part_and_array_at_fault(tmp_path, corrupt, array, mess
     write(str(tmp_path / "s"), {0: 4})
     assert verify_store(SoftLabelStore(str(tmp_path / "s"))).ok
     corrupt(_part_group(tmp_path))
+    recommit(tmp_path / "s" / "parts" / "part-000000")
     faults = _faults(tmp_path)
     assert any(p == "part-000000" and a == array and message in m for p, a, m in faults), faults
 
@@ -205,6 +218,7 @@ def test_verify_catches_inconsistent_offsets_and_shapes(tmp_path):
     offsets[2] += 1
     pq.write_table(table.set_column(table.schema.get_field_index("label_offset"), "label_offset",
                                     pa.array(offsets)), table_path)
+    recommit(table_path.parent)
     assert ("part-000000", "sequences.parquet", "label_offset is not the running sum of n_labels") in _faults(tmp_path)
 
     commit_path = tmp_path / "s" / "parts" / "part-000000" / "commit.json"

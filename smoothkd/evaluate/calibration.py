@@ -98,6 +98,7 @@ def evaluate_calibration(model: Any, store_url: str, split: str = "heldout", sou
                          batch_size: int = 4, progress: Callable[[int], None] | None = None,
                          reference: Any | None = None, fit_temperature: bool = True) -> dict[str, Any]:
     store = SoftLabelStore(store_url)
+    store.check()  # a damaged store is refused, not scored (its chunks are checked as read)
     data = StoreDataset(store, list(sources), split=split)
     stats = token_statistics(model, data, batch_size, progress, reference=reference, keep_logits=fit_temperature)
     ece, bins = expected_calibration_error(stats["confidence"], stats["correct"])

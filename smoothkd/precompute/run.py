@@ -89,6 +89,34 @@ def build_manifest(cfg: PrecomputeConfig, teacher: TeacherBackend, location: str
     )
 
 
+def teacher_positions(location: str) -> tuple[str, int] | None:
+    """The longest sequence the teacher's position embeddings cover, and the config field that
+    says so (None when its config does not)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(location).get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return name, value
+    return None
+
+
+def check_max_length(cfg: PrecomputeConfig, location: str) -> None:
+    """Refuse a --max-length beyond the teacher's context before a model loads or a file is written:
+    the positions past it would be scored, silently, by weights never trained on them."""
+    found = teacher_positions(location)
+    if found is None:
+        return
+    field, n = found
+    # The vllm backend starts its engine for --max-length + 1 tokens (room for one output token).
+    longest = n - 1 if cfg.backend == "vllm" else n
+    if cfg.max_length > longest:
+        extra = ", and the vllm backend needs one more than --max-length" if cfg.backend == "vllm" else ""
+        raise SmoothkdError(f"--max-length {cfg.max_length} is beyond the teacher's context: {cfg.model} has {n} "
+                            f"positions ({field} in its config){extra}; set --max-length {longest} or less")
+
+
 class PartPipeline:
     """Turns one block of records into a filled PartBuilder and its counts."""
 
@@ -191,6 +219,7 @@ def run(cfg: PrecomputeConfig, show_progress: bool = True, log: Callable[[str], 
     started = time.perf_counter()
     loaded = load_records(cfg.dataset, cfg.fields, cfg.limit, cfg.skip_invalid, cfg.dataset_split)
     location = resolve(cfg.model)
+    check_max_length(cfg, location)
     if teacher is None:
         teacher = load_backend(location, cfg)
     elif teacher.name != cfg.backend:

@@ -1,8 +1,15 @@
-"""Reading a store: check the format on open, list committed parts, return typed records."""
+"""Reading a store: check the format on open, list committed parts, return typed records.
+
+Nothing damaged is returned as data: an array is checked against its part's commit.json
+(shape, files present, sizes, metadata digest) before any chunk of it is read, every chunk
+against its crc32c as it is read, and a table against its digest (FORMAT.md, "Integrity").
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,10 +33,10 @@ def read_manifest(loc: StoreLocation, missing_ok: bool = False) -> spec.Manifest
         raise StoreError(f"{loc.url} is not a smoothkd store (no zarr.json at its root)")
     try:
         attrs = json.loads(loc.fs.cat_file(loc.path("zarr.json"))).get("attributes", {})
-    except (json.JSONDecodeError, OSError) as e:
+    except (ValueError, OSError, AttributeError) as e:  # bad JSON or UTF-8 (ValueErrors), not an object
         raise StoreError(f"{loc.url}/zarr.json is unreadable: {e}") from e
-    data = attrs.get(spec.MANIFEST_KEY)
-    if data is None:
+    data = attrs.get(spec.MANIFEST_KEY) if isinstance(attrs, dict) else None
+    if not isinstance(data, dict):
         if missing_ok and not attrs:
             return None
         raise StoreError(f"{loc.url} is a zarr group but not a smoothkd store (no '{spec.MANIFEST_KEY}' attribute)")
@@ -43,7 +50,30 @@ def read_manifest(loc: StoreLocation, missing_ok: bool = False) -> spec.Manifest
         )
     if data.get("label_kind") != spec.LABEL_KIND_TOPK:
         raise StoreError(f"{loc.url}: label kind {data.get('label_kind')!r} is not supported by this smoothkd")
-    return spec.Manifest.from_json(data)
+    return spec.Manifest.from_json(data, where=f"{loc.url}/zarr.json")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _shard_keys(arr: zarr.Array) -> list[str]:
+    """The chunk files (one shard each) that an array's metadata says exist."""
+    grid = [-(-n // c) for n, c in zip(arr.shape, arr.metadata.chunk_grid.chunk_shape)]  # shards per axis
+    return [arr.metadata.encode_chunk_key(c) for c in itertools.product(*map(range, grid))]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One thing wrong with a store: its part, the array (or file of the part) and what."""
+
+    part: str
+    array: str
+    message: str  # names the file at fault, when one is
+    file: str = ""  # that file, relative to the store's root
+
+    def __str__(self) -> str:
+        return f"{self.part}/{self.array}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -52,6 +82,20 @@ class PartInfo:
     name: str
     committed: bool
     commit: dict[str, Any] | None
+    problem: str = ""  # why a commit.json that exists is no commit (cannot be parsed, lacks a count)
+
+
+def _commit_problem(commit: Any) -> str:
+    """What makes a parsed commit.json unusable ("" when nothing does)."""
+    if not isinstance(commit, dict):
+        return "is not a JSON object"
+    bad = [k for k, kind in spec.COMMIT_KEYS.items() if not isinstance(commit.get(k), kind)]
+    if bad:
+        return f"lacks {', '.join(bad)} (or holds the wrong type)"
+    shapes = commit["arrays"]
+    bad = [n for n in spec.ARRAY_NAMES
+           if not isinstance(shapes.get(n), list) or not all(isinstance(d, int) and d >= 0 for d in shapes[n])]
+    return f"has no valid shape for {', '.join(bad)}" if bad else ""
 
 
 def list_parts(loc: StoreLocation) -> list[PartInfo]:
@@ -60,13 +104,16 @@ def list_parts(loc: StoreLocation) -> list[PartInfo]:
     for name in loc.listdir(spec.PARTS_DIR):
         if not name.startswith("part-") or not name[5:].isdigit():
             continue
-        commit = None
+        commit, problem = None, ""
         if loc.exists(spec.PARTS_DIR, name, spec.COMMIT_FILE):
             try:
                 commit = loc.read_json(spec.PARTS_DIR, name, spec.COMMIT_FILE)
-            except (json.JSONDecodeError, OSError):
-                commit = None  # a torn commit file means the part never committed
-        out.append(PartInfo(int(name[5:]), name, commit is not None, commit))
+                problem = _commit_problem(commit)
+            except (ValueError, OSError) as e:  # bad JSON or UTF-8: torn (by an older smoothkd) or damaged
+                problem = f"cannot be parsed ({e})"
+            if problem:
+                commit = None  # not a commit: the part is not committed, and check() and verify say why
+        out.append(PartInfo(int(name[5:]), name, commit is not None, commit, problem))
     return out
 
 
@@ -83,13 +130,13 @@ class PartArrays:
 
     def _array(self, name: str) -> np.ndarray:
         if name not in self._stored:
-            self._stored[name] = self._store.array(self._part, name)[self._label_rows]
+            self._stored[name] = self._store.read(self._part, name, self._label_rows)
         return self._stored[name]
 
     @cached_property
     def tokens(self) -> np.ndarray:
         """[n_tokens] int64."""
-        return self._store.array(self._part, "tokens")[self._token_rows].astype(np.int64)
+        return self._store.read(self._part, "tokens", self._token_rows).astype(np.int64)
 
     def ids(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """[n, k] int64, most probable first."""
@@ -162,7 +209,10 @@ class SoftLabelStore:
         all_parts = list_parts(self.loc)
         self.parts = [p for p in all_parts if p.committed]
         self.uncommitted = [p for p in all_parts if not p.committed]
+        self._commits = {p.name: p.commit for p in self.parts}
         self._id_tables: dict[str, np.ndarray] = {}
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}  # opened and checked, metadata only
+        self._files: dict[str, dict[str, int]] = {}  # part -> its files (relative path -> bytes)
         self._group = zarr.open_group(self.loc.zarr_store(read_only=True), mode="r")
         counts = np.array([p.commit["n_sequences"] for p in self.parts], dtype=np.int64)
         self._seq_starts = np.concatenate([[0], np.cumsum(counts)])
@@ -192,16 +242,175 @@ class SoftLabelStore:
         return sum(int(p.commit["n_tokens"]) for p in self.parts)
 
     def array(self, part: str, name: str) -> zarr.Array:
-        return self._group[f"{spec.PARTS_DIR}/{part}/{name}"]
+        """One array of a committed part, checked (see `part_faults`) before any chunk of it is
+        read: a damaged one raises StoreError, and a shape its metadata overstates is never read."""
+        if (part, name) not in self._arrays:
+            arr, faults = self._open_array(part, name)
+            if faults:
+                raise self._damaged(faults)
+            self._arrays[part, name] = arr
+        return self._arrays[part, name]
+
+    def read(self, part: str, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """Rows of one array, as stored. Each chunk read is checked against its crc32c."""
+        arr = self.array(part, name)
+        try:
+            return arr[rows]
+        except (ValueError, RuntimeError, OSError) as e:  # a checksum mismatch, a torn shard, a codec failure
+            files = ", ".join(self._path(part, f"{name}/{key}") for key in _shard_keys(arr))
+            raise StoreError(f"{self.url}: {part}/{name}: {files} cannot be read ({e}): the file is damaged; "
+                             f"`smoothkd store verify {self.url}` lists every fault") from e
 
     def id_table(self, part: str) -> np.ndarray:
         """The part's code -> id table (small; read once per part)."""
         if part not in self._id_tables:
-            self._id_tables[part] = self.array(part, "id_table")[...].astype(np.int64)
+            self._id_tables[part] = self.read(part, "id_table").astype(np.int64)
         return self._id_tables[part]
 
     def part_table(self, part: str) -> pa.Table:
-        return pq.read_table(self.loc.path(spec.PARTS_DIR, part, spec.TABLE_FILE), filesystem=self.loc.fs)
+        """A part's sequences.parquet, checked against its digest in commit.json."""
+        path = self._path(part, spec.TABLE_FILE)
+        try:
+            data = self.loc.fs.cat_file(self.loc.path(path))
+        except OSError as e:
+            raise StoreError(f"{self.url}: {part}/{spec.TABLE_FILE}: {path} cannot be read: {e}") from e
+        recorded = self.recorded_files(part)
+        if recorded and spec.TABLE_FILE in recorded and _sha256(data) != recorded[spec.TABLE_FILE]["sha256"]:
+            raise StoreError(f"{self.url}: {part}/{spec.TABLE_FILE}: {path} differs from the sha256 commit.json "
+                             "records for it: the file is damaged; "
+                             f"`smoothkd store verify {self.url}` lists every fault")
+        try:
+            return pq.read_table(pa.BufferReader(data))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise StoreError(f"{self.url}: {part}/{spec.TABLE_FILE}: {path} is not a readable Parquet file "
+                             f"({e}): the file is damaged") from e
+
+    # --- integrity: FORMAT.md, "Integrity" ---------------------------------------------------------
+
+    def _path(self, part: str, rel: str) -> str:
+        """A file of a part, relative to the store's root: how faults name it."""
+        return f"{spec.PARTS_DIR}/{part}/{rel}"
+
+    def recorded_files(self, part: str) -> dict[str, dict[str, Any]] | None:
+        """The part's files as commit.json records them; None for parts written before digests."""
+        return (self._commits.get(part) or {}).get(spec.FILES_KEY)
+
+    def part_files(self, part: str) -> dict[str, int]:
+        """Every file of a part (relative path -> bytes), from one listing, kept."""
+        if part not in self._files:
+            base = self.loc.path(spec.PARTS_DIR, part)
+            found = self.loc.fs.find(base, detail=True)
+            self._files[part] = {p[len(base):].lstrip("/"): int(e["size"]) for p, e in found.items()}
+        return self._files[part]
+
+    def has_digests(self, part: str) -> bool:
+        """Whether the part was written with file digests and chunk checksums (not by an older smoothkd)."""
+        return self.recorded_files(part) is not None
+
+    def _file_faults(self, part: str, array: str, rels: list[str]) -> list[Fault]:
+        """Files of a part missing, or of another size than commit.json records."""
+        files, recorded = self.part_files(part), self.recorded_files(part) or {}
+        faults = []
+        for rel in rels:
+            path = self._path(part, rel)
+            if rel not in files:
+                faults.append(Fault(part, array, f"{path} is missing", path))
+            elif rel in recorded and files[rel] != recorded[rel]["bytes"]:
+                faults.append(Fault(part, array, f"{path} is {files[rel]} bytes, commit.json records "
+                                                 f"{recorded[rel]['bytes']} (truncated or replaced)", path))
+        return faults
+
+    def _open_array(self, part: str, name: str) -> tuple[zarr.Array | None, list[Fault]]:
+        """Open one array's metadata and check it, reading no chunk: its files (present, sizes,
+        metadata digest) and its dtype and shape against the manifest and commit.json."""
+        spec_ = spec.ARRAY_SPECS[name]
+        recorded = self.recorded_files(part)
+        meta = f"{name}/zarr.json"
+        meta_path = self._path(part, meta)
+        faults = self._file_faults(part, name, [meta])
+        resized = bool(faults)
+        faults += self._file_faults(part, name, sorted(r for r in recorded or {} if r.startswith(f"{name}/")
+                                                       and r != meta))
+        if meta not in self.part_files(part):
+            return None, faults
+        if recorded and meta in recorded and not resized \
+                and _sha256(self.loc.fs.cat_file(self.loc.path(meta_path))) != recorded[meta]["sha256"]:
+            faults.append(Fault(part, name, f"{meta_path} differs from the sha256 commit.json records "
+                                            "for it (damaged or edited)", meta_path))
+        try:
+            arr = self._group[f"{spec.PARTS_DIR}/{part}/{name}"]
+        except Exception as e:  # noqa: BLE001 - any failure to open is a fault to report
+            faults.append(Fault(part, name, f"{meta_path} cannot be opened: {e}", meta_path))
+            return None, faults
+        m = self.manifest
+        want_dtype = spec_.numpy_dtype(m.ids, m.encoding)
+        if arr.dtype != want_dtype:
+            faults.append(Fault(part, name, f"dtype {arr.dtype}, expected {want_dtype}"))
+        want_shape = list(self._commits[part]["arrays"][name])
+        if list(arr.shape) != want_shape:
+            faults.append(Fault(part, name, f"shape {list(arr.shape)}, commit.json says {want_shape}", meta_path))
+        elif list(arr.shape[1:]) != list(spec_.row_shape(m.top_k)):
+            faults.append(Fault(part, name, f"rows of shape {list(arr.shape[1:])}, "
+                                            f"expected {list(spec_.row_shape(m.top_k))}"))
+        elif recorded is None:  # no list of files: the chunk files its (now bounded) metadata implies
+            faults += self._file_faults(part, name, [f"{name}/{key}" for key in _shard_keys(arr)])
+        return arr, faults
+
+    def part_faults(self, part: str) -> list[Fault]:
+        """What can be found wrong with a committed part without reading a chunk: files missing or
+        resized, metadata that is not what was committed, dtypes and shapes. A listing and the
+        small metadata files; arrays found sound are kept open for the reads that follow."""
+        faults = []
+        for name in spec.ARRAY_NAMES:
+            arr, found = self._open_array(part, name)
+            if arr is not None and not found:
+                self._arrays[part, name] = arr
+            faults += found
+        others = [r for r in self.recorded_files(part) or {} if r.split("/")[0] not in spec.ARRAY_SPECS]
+        for rel in sorted(set(others) | {spec.TABLE_FILE}):
+            faults += self._file_faults(part, rel, [rel])
+        return faults
+
+    def store_faults(self) -> list[Fault]:
+        """Faults of the set of parts, from their commit.json files: a part outside the store's
+        parts, a part directory holding another part's commit (a copy), a commit.json that exists
+        but is no commit."""
+        faults = []
+        n, size = self.manifest.dataset.get("n_records"), self.manifest.build.get("part_size")
+        for p in self.parts:
+            commit_file = self._path(p.name, spec.COMMIT_FILE)
+            if n and size and p.index >= self.expected_parts:
+                faults.append(Fault(p.name, spec.PARTS_DIR, (
+                    f"{spec.PARTS_DIR}/{p.name} is not one of the store's {self.expected_parts} parts "
+                    f"({spec.part_name(0)} to {spec.part_name(self.expected_parts - 1)}): a stray or copied "
+                    "directory; remove it"), f"{spec.PARTS_DIR}/{p.name}"))
+            start = p.commit.get("record_start")
+            if p.commit["part"] != p.index or (size and start is not None and start != p.index * int(size)):
+                faults.append(Fault(p.name, spec.COMMIT_FILE, (
+                    f"{commit_file} is the commit of part {p.commit['part']} (records from {start}): this "
+                    "directory is a copy of another part; remove it and rerun the precompute command"), commit_file))
+        for p in self.uncommitted:
+            if p.problem:
+                commit_file = self._path(p.name, spec.COMMIT_FILE)
+                faults.append(Fault(p.name, spec.COMMIT_FILE, (
+                    f"{commit_file} {p.problem}: damaged (or torn by an older smoothkd killed while committing); "
+                    "rerun the precompute command to rewrite the part"), commit_file))
+        return faults
+
+    def check(self) -> None:
+        """Refuse a damaged store before a run reads it (StoreError naming part, array and file):
+        `store_faults` and every committed part's `part_faults`. Reads no chunk: chunks are checked
+        against their checksums as a run reads them."""
+        faults = self.store_faults()
+        for p in self.parts:
+            faults += self.part_faults(p.name)
+        if faults:
+            raise self._damaged(faults)
+
+    def _damaged(self, faults: list[Fault]) -> StoreError:
+        shown = [str(f) for f in faults[:10]] + ([f"... and {len(faults) - 10} more"] if len(faults) > 10 else [])
+        return StoreError(f"{self.url} is damaged; refusing to read it (`smoothkd store verify {self.url}` "
+                          "checks every chunk):\n  " + "\n  ".join(shown))
 
     @cached_property
     def _tables(self) -> dict[str, pa.Table]:

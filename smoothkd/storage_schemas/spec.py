@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.codecs.numcodecs import Delta
+
+from smoothkd.errors import StoreError
 
 # The Delta filter is numcodecs.delta: zarr-python reads and writes it; FORMAT.md documents
 # it for other readers. Its "not in the Zarr v3 specification" warning would fire on every
@@ -31,6 +33,11 @@ SPLITS = ("train", "heldout")
 PARTS_DIR = "parts"
 TABLE_FILE = "sequences.parquet"
 COMMIT_FILE = "commit.json"
+# commit.json's record of every other file of the part: relative path -> {"bytes", "sha256"}.
+# Parts written before it existed (by an older smoothkd) have no such key: readers cannot check their files.
+FILES_KEY = "files"
+# The keys every commit.json has (since the first version), with their types.
+COMMIT_KEYS: dict[str, type] = {"part": int, "n_sequences": int, "n_tokens": int, "n_labels": int, "arrays": dict}
 
 # Rows (supervised positions or tokens) per zarr chunk; a whole part array is one shard,
 # so an object store sees one object per array per part.
@@ -118,7 +125,9 @@ class ArraySpec:
         # clevel 9: writing is a negligible share of precompute time, the store is read many times.
         compressor = BloscCodec(cname="zstd", clevel=9, shuffle="shuffle", typesize=dtype.itemsize)
         filters = [Delta(dtype=dtype.str)] if self.delta else []
-        return {"filters": filters, "compressors": [compressor]}
+        # The crc32c after compression checksums each chunk's payload on every read (zarr's
+        # sharding codec checksums only its index by default): a flipped byte raises, not decodes.
+        return {"filters": filters, "compressors": [compressor, Crc32cCodec()]}
 
 
 ARRAYS: tuple[ArraySpec, ...] = (
@@ -135,6 +144,7 @@ ARRAYS: tuple[ArraySpec, ...] = (
               doc="probability mass outside the top-k, summed over the full vocabulary before rounding"),
 )
 ARRAY_NAMES = tuple(a.name for a in ARRAYS)
+ARRAY_SPECS = {a.name: a for a in ARRAYS}
 
 # Columns of each part's sequences.parquet, in order.
 TABLE_COLUMNS: dict[str, str] = {
@@ -247,8 +257,16 @@ class Manifest:
         return np.dtype(self.id_dtype)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
-        names = {f.name for f in dataclasses.fields(cls)}
+    def from_json(cls, data: dict[str, Any], where: str = "the manifest") -> Manifest:
+        """The manifest from its JSON; `where` names its file in the error for a field missing."""
+        fields = dataclasses.fields(cls)
+        required = [f.name for f in fields
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise StoreError(f"{where}: the manifest ('{MANIFEST_KEY}' attribute) lacks {', '.join(missing)}; "
+                             "the file is damaged or was edited")
+        names = {f.name for f in fields}
         return cls(**{k: v for k, v in data.items() if k in names})
 
 

@@ -9,6 +9,7 @@ an uncommitted part, which readers ignore and the next run removes and rewrites.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,12 +191,14 @@ class StoreWriter:
             # commit is created exclusively (first one wins where the filesystem has conditional writes).
             self.loc.remove(spec.PARTS_DIR, name)  # leftovers of a killed run
             self._write_files(name, part, arrays)
+            commit[spec.FILES_KEY] = self._digests(name)
             return commit if self.loc.create_json(commit, spec.PARTS_DIR, name, spec.COMMIT_FILE) else None
         if self.loc.exists(spec.PARTS_DIR, name):
             self._set_aside(name)
         staging = partial_name(name)
         try:
             self._write_files(staging, part, arrays)
+            commit[spec.FILES_KEY] = self._digests(staging)
             self.loc.write_json_atomic(commit, spec.PARTS_DIR, staging, spec.COMMIT_FILE)
             self.loc.sync(spec.PARTS_DIR, staging)
             kept = self.loc.rename_to_new((spec.PARTS_DIR, staging), (spec.PARTS_DIR, name))
@@ -226,6 +229,16 @@ class StoreWriter:
         if self._committed(spec.PARTS_DIR, aside):
             self.loc.rename_to_new((spec.PARTS_DIR, aside), (spec.PARTS_DIR, name))
 
+    def _digests(self, directory: str) -> dict[str, dict[str, Any]]:
+        """Size and sha256 of every file written under parts/<directory>/, read back: what readers
+        check the part against (FORMAT.md, "Integrity")."""
+        base = self.loc.path(spec.PARTS_DIR, directory)
+        out = {}
+        for path, entry in self.loc.fs.find(base, detail=True).items():
+            rel = path[len(base):].lstrip("/")
+            out[rel] = {"bytes": int(entry["size"]), "sha256": hashlib.sha256(self.loc.fs.cat_file(path)).hexdigest()}
+        return dict(sorted(out.items()))
+
     def _write_files(self, directory: str, part: PartBuilder, arrays: dict[str, np.ndarray]) -> None:
         """The part's arrays and table under parts/<directory>/, everything but its commit."""
         # A store rooted at the part: zarr would otherwise rewrite (or try to) the groups above it.
@@ -240,6 +253,9 @@ class StoreWriter:
                 data=data,
                 chunks=(chunk_rows, *data.shape[1:]),
                 shards=(shard_rows, *data.shape[1:]),
+                # Every chunk stored, all-zero ones too: a chunk absent from a shard is then damage,
+                # never zarr's shorthand for fill values.
+                config={"write_empty_chunks": True},
                 **a.codecs(data.dtype),
             )
         pq.write_table(

@@ -218,11 +218,29 @@ def test_bad_options_are_refused_before_training(tiny_model, store, tmp_path):
                                       "--sources", ",", "--freeze", "wings"])
     assert result.exit_code == 2
     message = " ".join(result.stderr.split())
-    for needle in ("--alpha must be >= 0", "--temperature must be > 0", "--sources selects nothing",
+    for needle in ("--alpha must be a finite number >= 0", "--temperature must be a finite number > 0",
+                   "--sources selects nothing",
                    "--freeze 'wings'"):
         assert needle in message, message
     with pytest.raises(SmoothkdError, match="has no train sequences from sources"):
         StoreDataset(SoftLabelStore(str(store)), ["nothing"])
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--temperature", "inf", "--temperature must be a finite number > 0, got inf"),
+    ("--alpha", "nan", "--alpha must be a finite number >= 0 (0 is plain SFT), got nan"),
+    ("--lr", "nan", "--lr must be a finite number in (0, 1]"),
+    ("--lr", "1e38", "--lr must be a finite number in (0, 1]"),
+    ("--weight-decay", "-inf", "--weight-decay must be a finite number >= 0, got -inf"),
+    ("--max-grad-norm", "nan", "--max-grad-norm must be a finite number >= 0 (0: no clipping), got nan"),
+    ("--warmup-steps", "-1", "--warmup-steps must be at least 0, got -1"),
+])
+def test_non_finite_and_out_of_range_options_are_refused_from_the_command_line(tiny_model, store, tmp_path, flag,
+                                                                               value, needle):
+    result = CliRunner().invoke(app, ["distill", "student", "--model", str(tiny_model), "--store", str(store),
+                                      "--out", str(tmp_path / "r"), flag, value])
+    assert result.exit_code == 2 and needle in " ".join(result.stderr.split()), result.stderr
     assert not (tmp_path / "r").exists()
 
 
@@ -278,8 +296,8 @@ def test_fsdp_trains_like_ddp_and_saves_whole_weights(tiny_model, store, tmp_pat
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
     assert any(not torch.equal(start[k], wb[k]) for k in wb)  # it trained
-    blob = torch.load(tmp_path / "fsdp" / "checkpoint" / "state.pt", weights_only=False)
-    assert blob["params"].keys() == dict(AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters()).keys()
+    saved = safe_open(tmp_path / "fsdp" / "checkpoint" / "params.safetensors", "pt").keys()
+    assert set(saved) == dict(AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters()).keys()
     again = _torchrun([*base, "--out", str(tmp_path / "fsdp"), "--fsdp", "--resume"])
     said = " ".join(again.stderr.split())  # rich wraps lines
     assert again.returncode == 0 and "at step 4 (epoch 0, batch 4)" in said, again.stderr[-3000:]

@@ -340,3 +340,59 @@ def test_compare_groups_seeds_of_one_config_and_keeps_other_dirs_apart(tmp_path)
     md = (tmp_path / "report" / "report.md").read_text()
     assert "0.2500 +- 0.0707" in md
     assert "| calibration.n_tokens | 10 | 10 | 10 |" in md
+
+
+def _classifier_with_its_own_code(path: Path, marker: Path) -> Path:
+    """A sequence classifier whose directory ships the code of its model class, as HHEM's does;
+    importing that code creates `marker`."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    (path / "toy_hhem.py").write_text(f'''
+import pathlib
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+pathlib.Path({str(marker)!r}).touch()
+
+
+class ToyConfig(PretrainedConfig):
+    model_type = "toy-hhem"
+
+
+class ToyModel(PreTrainedModel):
+    config_class = ToyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+        self.post_init()
+
+    def predict(self, pairs):
+        return torch.sigmoid(self.bias.detach()).repeat(len(pairs))
+''')
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "toy-hhem", "architectures": ["ToyModel"],
+        "auto_map": {"AutoConfig": "toy_hhem.ToyConfig", "AutoModelForSequenceClassification": "toy_hhem.ToyModel"}}))
+    save_file({"bias": torch.zeros(())}, path / "model.safetensors")
+    return path
+
+
+def test_fc_model_code_runs_only_with_trust_remote_code(tmp_path):
+    marker = tmp_path / "ran"
+    path = _classifier_with_its_own_code(tmp_path / "hhem", marker)
+    with pytest.raises(SmoothkdError, match=r"--fc-model .*hhem: loading it runs Python code from that directory.*"
+                                            r"pass --trust-remote-code"):
+        load_fc_model(str(path))
+    assert not marker.exists()
+    score = load_fc_model(str(path), trust_remote_code=True)
+    assert marker.exists() and score([("an article", "a summary")] * 2) == [0.5, 0.5]
+
+
+def test_evaluate_summarization_has_a_trust_remote_code_flag_off_by_default():
+    from smoothkd.evaluate.config import SummarizationConfig
+
+    assert SummarizationConfig().trust_remote_code is False
+    r = runner.invoke(app, ["evaluate", "summarization", "--help"], env={"COLUMNS": "200"})
+    assert "--trust-remote-code" in r.output

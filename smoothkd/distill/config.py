@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smoothkd.checks import count, number
 from smoothkd.errors import SmoothkdError
 from smoothkd.models import DEFAULT_MODEL
 from smoothkd.options import COMMA_LIST, opt
@@ -52,10 +53,18 @@ class DistillConfig:
             problems.append("--store is required")
         if not self.out:
             problems.append("--out is required")
-        if self.alpha < 0:
-            problems.append(f"--alpha must be >= 0 (0 is plain SFT), got {self.alpha}")
-        if self.temperature <= 0:
-            problems.append(f"--temperature must be > 0, got {self.temperature}")
+        problems += filter(None, [
+            number("--alpha", self.alpha, 0, note=" (0 is plain SFT)"),
+            number("--temperature", self.temperature, 0, low_open=True),
+            number("--lr", self.lr, 0, 1, low_open=True, note=" (AdamW moves each weight by about lr a step)"),
+            number("--weight-decay", self.weight_decay, 0),
+            number("--max-grad-norm", self.max_grad_norm, 0, note=" (0: no clipping)"),
+            count("--warmup-steps", self.warmup_steps, 0),
+            count("--max-steps", self.max_steps),
+            count("--seed", self.seed, 0),
+            *(count(f"--{name.replace('_', '-')}", getattr(self, name))
+              for name in ("batch_size", "grad_accum", "epochs", "save_every", "lora_rank")),
+        ])
         if self.loss not in losses:
             problems.append(f"--loss {self.loss!r} is not one of {', '.join(losses)}")
         if not self.sources:
@@ -63,13 +72,6 @@ class DistillConfig:
         bad = [s for s in self.sources if s not in SOURCES]
         if bad:
             problems.append(f"--sources {', '.join(bad)}: not one of {', '.join(SOURCES)}")
-        for name in ("batch_size", "grad_accum", "epochs", "save_every", "lora_rank"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"--max-steps must be at least 1, got {self.max_steps}")
-        if self.lr <= 0:
-            problems.append(f"--lr must be > 0, got {self.lr}")
         for group in self.freeze:
             if group not in FREEZE_GROUPS and not _layer_range(group):
                 problems.append(f"--freeze {group!r}: not one of {', '.join(FREEZE_GROUPS)} or layers:A-B")

@@ -15,7 +15,6 @@ import inspect
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from smoothkd import __version__
 from smoothkd.batches import Batch, StoreDataset
+from smoothkd.distill import checkpoint
 from smoothkd.distill.config import DistillConfig, _layer_range
 from smoothkd.distill.losses import LOSSES, student_logprobs
 from smoothkd.errors import SmoothkdError
@@ -35,7 +35,6 @@ from smoothkd.storage_schemas import SoftLabelStore
 from smoothkd.tokens import pad_id
 
 LOG_FILE = "log.jsonl"
-CHECKPOINT = "checkpoint"
 
 
 def loss_step(model: Any, batch: Batch, cfg: DistillConfig, n_step_tokens: float,
@@ -118,45 +117,31 @@ def _training_state(model: Any, opt: Any, fsdp: bool) -> tuple[dict[str, torch.T
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if n in trainable}, opt.state_dict()
 
 
-def _save_checkpoint(out: Path, params: dict[str, torch.Tensor], optim: dict[str, Any], sched: Any,
-                     state: dict[str, Any]) -> None:
-    """Everything resume needs, swapped in atomically (a killed save leaves the previous one)."""
-    tmp, final, old = out / f"{CHECKPOINT}.tmp", out / CHECKPOINT, out / f"{CHECKPOINT}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"params": params, "optimizer": optim, "scheduler": sched.state_dict(),
-                "rng": torch.get_rng_state()}, tmp / "state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _latest_checkpoint(out: Path) -> Path | None:
-    """The checkpoint to resume from; `.old` when a save was killed between its two renames."""
-    for path in (out / CHECKPOINT, out / f"{CHECKPOINT}.old"):
-        if (path / "trainer_state.json").exists():
-            return path
-    return None
-
-
 def _load_checkpoint(path: Path, model: Any, opt: Any, sched: Any, fsdp: bool) -> dict[str, Any]:
-    blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    if fsdp:  # every rank reads the file; set_state_dict scatters each its shards
+    """Load the checkpoint at `path` into the model, optimizer, schedule and random state; its trainer state."""
+    saved = checkpoint.load(path)
+    if fsdp:  # every rank reads the files; set_state_dict scatters each its shards
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(model, opt, model_state_dict=blob["params"], optim_state_dict=blob["optimizer"],
+        set_state_dict(model, opt, model_state_dict=saved.params, optim_state_dict=saved.optimizer,
                        options=_fsdp_options(strict=False))
     else:
-        params = dict(model.named_parameters())
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        bad = sorted(set(params) ^ set(saved.params)) + [
+            n for n, v in saved.params.items() if n in params and v.shape != params[n].shape]
+        if bad:
+            raise SmoothkdError(f"{path}: its weights do not fit this student's trainable parameters "
+                                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
         with torch.no_grad():
-            for name, value in blob["params"].items():
+            for name, value in saved.params.items():
                 params[name].copy_(value)
-        opt.load_state_dict(blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    torch.set_rng_state(blob["rng"])
-    return json.loads((path / "trainer_state.json").read_text())
+        try:
+            opt.load_state_dict(saved.optimizer)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise SmoothkdError(f"{path}: its optimizer state does not fit this student ({e})") from e
+    sched.load_state_dict(saved.scheduler)
+    torch.set_rng_state(saved.rng)
+    return saved.trainer
 
 
 def _store_identity(store: SoftLabelStore) -> dict[str, Any]:
@@ -222,10 +207,15 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
     cfg.validate(tuple(LOSSES))
     rank, world, local_rank = _distributed()
     store = _open_store(cfg)
+    if rank == 0:  # a swap that a kill interrupted, finished or rolled back before any rank reads it
+        with checkpoint.writing(Path(cfg.out)):
+            checkpoint.recover(Path(cfg.out))
+    if world > 1:
+        torch.distributed.barrier()
     identity = _run_identity(cfg, world)
-    checkpoint = _checkpoint_to_resume(cfg, identity)
+    resume_from = _checkpoint_to_resume(cfg, identity)
     r = _setup(cfg, store, rank, world, local_rank)
-    state = _resume(r, checkpoint, identity, log)
+    state = _resume(r, resume_from, identity, log)
     result = _train(r, state, show_progress)
     _finish(r, result)
     return result
@@ -233,6 +223,7 @@ def run(cfg: DistillConfig, show_progress: bool = True, log: Callable[[str], Non
 
 def _open_store(cfg: DistillConfig) -> SoftLabelStore:
     store = SoftLabelStore(cfg.store)
+    store.check()  # a damaged store is refused before anything loads (its chunks are checked as read)
     if store.missing_parts and not cfg.allow_incomplete_store:
         raise SmoothkdError(f"{cfg.store} is incomplete ({len(store.missing_parts)} of {store.expected_parts} parts "
                             "missing); finish the precompute run, or pass --allow-incomplete-store")
@@ -243,18 +234,18 @@ def _checkpoint_to_resume(cfg: DistillConfig, identity: dict[str, Any]) -> Path 
     """The checkpoint --resume continues, checked before anything loads: a changed option can
     change the saved state's layout."""
     out = Path(cfg.out)
-    checkpoint = _latest_checkpoint(out)
-    if ((out / RUN_FILE).exists() or checkpoint is not None) and not cfg.resume:
+    found = checkpoint.latest(out)
+    if ((out / RUN_FILE).exists() or found is not None) and not cfg.resume:
         raise SmoothkdError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-    if checkpoint is None or not cfg.resume:
+    if found is None or not cfg.resume:
         return None
-    saved = json.loads((checkpoint / "trainer_state.json").read_text())["run"]
+    saved = checkpoint.read_trainer_state(found)["run"]
     # An option added since that run was saved had its default then.
     saved = {**dataclasses.asdict(DistillConfig()), **saved}
     changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in identity.items() if saved.get(k) != v]
     if changed:
         raise SmoothkdError(f"--resume with options that differ from the run in {out}:\n  " + "\n  ".join(changed))
-    return checkpoint
+    return found
 
 
 def _load_student(cfg: DistillConfig, store: SoftLabelStore, world: int,
@@ -317,21 +308,41 @@ def _setup(cfg: DistillConfig, store: SoftLabelStore, rank: int, world: int, loc
                 trainable=trainable, opt=opt, sched=sched)
 
 
-def _resume(r: _Run, checkpoint: Path | None, identity: dict[str, Any],
+def _resume(r: _Run, resume_from: Path | None, identity: dict[str, Any],
             log: Callable[[str], None]) -> dict[str, Any]:
     """The trainer state to start from: a fresh one, or the checkpoint's (its weights, optimizer,
     schedule and random state loaded into r's)."""
     state = {"step": 0, "epoch": 0, "batches_done": 0, "run": identity}
-    if checkpoint is not None:
-        state = _load_checkpoint(checkpoint, r.model, r.opt, r.sched, r.cfg.fsdp)
+    if resume_from is not None:
+        state = _load_checkpoint(resume_from, r.model, r.opt, r.sched, r.cfg.fsdp)
         log(f"resuming {r.out} at step {state['step']} (epoch {state['epoch']}, batch {state['batches_done']})")
-    r.out.mkdir(parents=True, exist_ok=True)
-    # The log holds exactly the steps the weights have seen: steps logged after the checkpoint
-    # by a killed run are dropped, and run again.
-    kept = [line for line in (r.log_path.read_text().splitlines() if r.log_path.exists() else [])
-            if json.loads(line)["step"] <= state["step"]]
-    r.log_path.write_text("".join(line + "\n" for line in kept))
+    with checkpoint.writing(r.out):
+        r.out.mkdir(parents=True, exist_ok=True)
+        _trim_log(r.log_path, state["step"])
     return state
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Make the log hold exactly the steps the weights have seen: steps a killed run logged after its
+    checkpoint are dropped (and run again), as is a last line the kill cut short. The new log
+    replaces the old in one rename, so a kill here loses no earlier step's line."""
+    if not path.exists():
+        return
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    kept = []
+    for i, line in enumerate(lines, 1):
+        try:
+            logged = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError) as e:
+            if i == len(lines):
+                break
+            raise SmoothkdError(f"{path}:{i}: not a training log record ({e}); the log is damaged: remove the "
+                                "line, or start a new run") from e
+        if logged <= step:
+            kept.append(line + "\n")
+    if "".join(kept) != text:
+        checkpoint.write_atomic(path, "".join(kept).encode())
 
 
 def _train(r: _Run, state: dict[str, Any], show_progress: bool) -> DistillResult:
@@ -344,24 +355,32 @@ def _train(r: _Run, state: dict[str, Any], show_progress: bool) -> DistillResult
                         TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress or r.rank != 0)
     started, tokens_seen, last = time.perf_counter(), 0, {}
     r.model.train()
-    with progress, open(r.log_path, "a") as log_file:
+    with checkpoint.writing(r.log_path):
+        log_file = open(r.log_path, "a")
+    with progress, log_file:
         task = progress.add_task("distill", total=r.total, completed=state["step"], info="")
         while state["step"] < r.total:
             for group in _rest_of_epoch(r, state):
                 t0 = time.perf_counter()
                 micro = [(r.data.load(b).to(r.device), w) for b, w in group]
-                sums, n_tok = _step(r, step_model, micro)
+                sums, n_tok = _gradients(r, step_model, micro)
+                if not _finite_on_every_rank(r, sums["loss"]):  # before the update: the weights stay finite
+                    raise SmoothkdError(_non_finite_loss(r, state["step"] + 1, sums["loss"]))
+                _update(r)
                 state["step"] += 1
                 state["batches_done"] += len(micro)
                 tokens_seen += n_tok
                 last = {"step": state["step"], "epoch": state["epoch"], **sums, "lr": r.sched.get_last_lr()[0],
                         "supervised_tokens": n_tok, "tokens_per_s": n_tok / (time.perf_counter() - t0),
                         "seqs": [s for b, w in micro if w for s in b.seqs]}
-                log_file.write(json.dumps(last) + "\n")
-                log_file.flush()
+                with checkpoint.writing(r.log_path):
+                    log_file.write(json.dumps(last) + "\n")
+                    log_file.flush()
                 progress.update(task, advance=1, info=f"loss {sums['loss']:.3f} ce {sums['ce']:.3f} "
                                                       f"kd {sums['kd']:.3f} {last['tokens_per_s']:,.0f} tok/s")
                 if state["step"] % r.cfg.save_every == 0 or state["step"] == r.total:
+                    with checkpoint.writing(r.log_path):
+                        os.fsync(log_file.fileno())  # the steps the checkpoint holds are logged for good
                     _checkpoint(r, state)
                 if state["step"] >= r.total:
                     break
@@ -381,9 +400,9 @@ def _rest_of_epoch(r: _Run, state: dict[str, Any]) -> list[list[tuple[Any, float
     return [rest[i : i + r.cfg.grad_accum] for i in range(0, len(rest), r.cfg.grad_accum)]
 
 
-def _step(r: _Run, step_model: Any, micro: list[tuple[Batch, float]]) -> tuple[dict[str, float], int]:
-    """One optimizer step over weighted micro-batches: (ce, kd and loss per supervised token of
-    this rank, that token count)."""
+def _gradients(r: _Run, step_model: Any, micro: list[tuple[Batch, float]]) -> tuple[dict[str, float], int]:
+    """One optimizer step's gradients over weighted micro-batches: (ce, kd and loss per supervised
+    token of this rank, that token count)."""
     n_tok = sum(b.n_supervised for b, w in micro if w)
     # DDP averages gradients over ranks: scale by world / global count, so the step's
     # gradient is that of the token mean over every rank's supervised tokens.
@@ -400,19 +419,41 @@ def _step(r: _Run, step_model: Any, micro: list[tuple[Batch, float]]) -> tuple[d
             sums["loss"] += loss.item() * denom / max(n_tok, 1)
             for k in ("ce", "kd"):
                 sums[k] += stats[k] * b.n_supervised / max(n_tok, 1)
+    return sums, n_tok
+
+
+def _update(r: _Run) -> None:
     if r.cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(r.trainable, r.cfg.max_grad_norm)
     r.opt.step()
     r.sched.step()
     r.opt.zero_grad(set_to_none=True)
-    return sums, n_tok
+
+
+def _finite_on_every_rank(r: _Run, loss: float) -> bool:
+    """Whether every rank's loss is finite (all ranks must agree to stop, or the others would hang)."""
+    bad = torch.tensor(float(not math.isfinite(loss)))
+    if r.world > 1:
+        bad = bad.to(r.device)
+        torch.distributed.all_reduce(bad)
+    return not bad.item()
+
+
+def _non_finite_loss(r: _Run, step: int, loss: float) -> str:
+    found = checkpoint.latest(r.out)
+    last = (f"The last good checkpoint is {found} (step {checkpoint.read_trainer_state(found)['step']})"
+            if found else "No checkpoint was saved before it")
+    return (f"step {step}: the loss is not finite (this process's: {loss}); the run stopped before updating the "
+            f"weights and saved no model. {last}. Start a new run with other options: a lower --lr, a "
+            "--temperature nearer 1, a --max-grad-norm")
 
 
 def _checkpoint(r: _Run, state: dict[str, Any]) -> None:
     if r.cfg.fsdp or r.rank == 0:  # FSDP gathers on every rank
         params, optim = _training_state(r.model, r.opt, r.cfg.fsdp)
     if r.rank == 0:
-        _save_checkpoint(r.out, params, optim, r.sched, state)
+        checkpoint.save(r.out, checkpoint.Checkpoint(params, optim, r.sched.state_dict(), torch.get_rng_state(),
+                                                     state))
 
 
 def _finish(r: _Run, result: DistillResult) -> None:
@@ -420,7 +461,8 @@ def _finish(r: _Run, result: DistillResult) -> None:
     if result.last or not (r.out / RUN_FILE).exists():
         full = _gathered_weights(r.model) if r.cfg.fsdp else None  # gathered on every rank, saved by rank 0
         if r.rank == 0:
-            _save_final(r.out, r.model, r.tokenizer, r.cfg, r.store, result, full)
+            with checkpoint.writing(r.out):
+                _save_final(r.out, r.model, r.tokenizer, r.cfg, r.store, result, full)
     if r.world > 1:
         torch.distributed.barrier()
 
@@ -446,4 +488,5 @@ def _save_final(out: Path, model: Any, tokenizer: Any, cfg: DistillConfig, store
     tokenizer.save_pretrained(out)
     record = {"config": dataclasses.asdict(cfg), "store": _store_identity(store),
               "summary": dataclasses.asdict(result), "tool": {"name": "smoothkd", "version": __version__}}
-    (out / RUN_FILE).write_text(json.dumps(record, indent=2, default=str))
+    # Written last and in one rename: a run whose record is there has its whole final model.
+    checkpoint.write_atomic(out / RUN_FILE, json.dumps(record, indent=2, default=str).encode())

@@ -2,14 +2,16 @@
 the commands' flags are generated from them (smoothkd.cli_options).
 
 Paths are strings, as in the other stages' configs. A required field's default is empty, and
-the command's `run` refuses it empty (`require`).
+the command's `run` refuses it empty (`require`), as it refuses a count below 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 
+from smoothkd.checks import count
 from smoothkd.errors import SmoothkdError
 from smoothkd.models import DEFAULT_MODEL
 from smoothkd.options import COMMA_LIST, opt
@@ -20,11 +22,16 @@ _MODEL_HELP = "A distill run directory, a checkpoint, or an embedded model."
 
 
 def require(cfg: object) -> None:
-    """Every required field left empty, in one error naming the flags to set."""
-    missing = [f"--{f.name.replace('_', '-')} is required" for f in dataclasses.fields(cfg)  # type: ignore[arg-type]
-               if f.metadata.get("required") and not getattr(cfg, f.name)]
-    if missing:
-        raise SmoothkdError("invalid options:\n  " + "\n  ".join(missing))
+    """Every required field left empty and every count (an int field: limits, sizes, lengths) below 1,
+    in one error naming the flags to set."""
+    fields = dataclasses.fields(cfg)  # type: ignore[arg-type]
+    hints = typing.get_type_hints(type(cfg))
+    problems = [f"--{f.name.replace('_', '-')} is required" for f in fields
+                if f.metadata.get("required") and not getattr(cfg, f.name)]
+    problems += filter(None, [count(f"--{f.name.replace('_', '-')}", getattr(cfg, f.name))
+                              for f in fields if hints[f.name] in (int, int | None)])
+    if problems:
+        raise SmoothkdError("invalid options:\n  " + "\n  ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class SummarizationConfig:
     max_prompt_tokens: int = opt(1536, "Articles are cut to fit this many prompt tokens.")
     instruction: str = opt(DEFAULT_INSTRUCTION, "The instruction before the article.")
     fc_model: str | None = opt(None, "Local copy of Vectara's HHEM, for factual consistency.")
+    trust_remote_code: bool = opt(False, "Let --fc-model run the Python code its directory ships (HHEM does: its "
+                                         "config names its own model class). Only for a copy you trust.")
     lookback: bool = opt(True, "Compute the lookback ratio of every summary.")
     lookback_classifier: str | None = opt(None, "A classifier from `evaluate lookback-train` for this model: adds "
                                                 "the share of summaries it calls factual.")

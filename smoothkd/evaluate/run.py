@@ -50,7 +50,8 @@ def summarization(cfg: SummarizationConfig, track: Track = no_progress) -> EvalR
         found = evaluate_summarization(
             lm, tok, articles, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
             instruction=cfg.instruction, max_prompt_tokens=cfg.max_prompt_tokens, fc_model=cfg.fc_model,
-            lookback=cfg.lookback, lookback_classifier=cfg.lookback_classifier, progress=advance)
+            trust_remote_code=cfg.trust_remote_code, lookback=cfg.lookback, lookback_classifier=cfg.lookback_classifier,
+            progress=advance)
     return write_eval(target, _result("summarization", cfg.model, found, dataset=cfg.dataset))
 
 

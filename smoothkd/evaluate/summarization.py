@@ -57,8 +57,10 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_token
             for g in greedy(model, prompts, max_new_tokens, stops, pad_id(tokenizer))]
 
 
-def load_fc_model(path: str | None) -> Callable[[list[tuple[str, str]]], list[float]] | None:
-    """Vectara's HHEM factual-consistency classifier from a local copy of its weights."""
+def load_fc_model(path: str | None,
+                  trust_remote_code: bool = False) -> Callable[[list[tuple[str, str]]], list[float]] | None:
+    """Vectara's HHEM factual-consistency classifier from a local copy of its weights. HHEM's
+    directory ships its own model code: transformers runs it only with `trust_remote_code`."""
     if path is None:
         return None
     if not Path(path).is_dir():
@@ -67,20 +69,25 @@ def load_fc_model(path: str | None) -> Callable[[list[tuple[str, str]]], list[fl
     from transformers import AutoModelForSequenceClassification
 
     try:
-        hhem = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).eval()
+        hhem = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
     except (OSError, ValueError) as e:
+        # transformers' refusal to run a directory's code without trust_remote_code is a ValueError naming it
+        if not trust_remote_code and "trust_remote_code" in str(e):
+            raise SmoothkdError(f"--fc-model {path}: loading it runs Python code from that directory (its "
+                                "config.json names its own model class); pass --trust-remote-code if you "
+                                "trust this copy") from e
         raise SmoothkdError(f"--fc-model {path}: cannot load HHEM ({e})") from e
     return lambda pairs: [float(x) for x in hhem.predict(pairs)]
 
 
 def evaluate_summarization(model: Any, tokenizer: Any, articles: list[Article], max_new_tokens: int = 128,
                            batch_size: int = 4, instruction: str = DEFAULT_INSTRUCTION, max_prompt_tokens: int = 1536,
-                           fc_model: str | None = None, lookback: bool = True,
+                           fc_model: str | None = None, trust_remote_code: bool = False, lookback: bool = True,
                            lookback_classifier: str | None = None,
                            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     if lookback_classifier and not lookback:
         raise SmoothkdError("--lookback-classifier needs the lookback ratios: drop --no-lookback")
-    hhem = load_fc_model(fc_model)
+    hhem = load_fc_model(fc_model, trust_remote_code)
     classify = None
     if lookback_classifier:
         n_features = model.config.num_hidden_layers * model.config.num_attention_heads

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from smoothkd.checks import count, number
 from smoothkd.errors import SmoothkdError
 from smoothkd.models import DEFAULT_MODEL
 from smoothkd.options import EXISTING_FILE, CliForm, opt
@@ -57,15 +58,12 @@ class PrecomputeConfig:
             problems.append("--dataset is required")
         if not self.out:
             problems.append("--out is required")
-        for name in ("top_k", "batch_size", "part_size", "max_new_tokens", "tensor_parallel_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_length < 2:
-            problems.append(f"--max-length must be at least 2, got {self.max_length}")
-        if self.limit is not None and self.limit < 1:
-            problems.append(f"--limit must be at least 1, got {self.limit}")
-        if not 0 <= self.heldout_fraction < 1:
-            problems.append(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
+        problems += filter(None, [
+            *(count(f"--{name.replace('_', '-')}", getattr(self, name))
+              for name in ("top_k", "batch_size", "part_size", "max_new_tokens", "tensor_parallel_size", "limit")),
+            count("--max-length", self.max_length, 2),
+            number("--heldout-fraction", self.heldout_fraction, 0, 1, high_open=True),
+        ])
         if self.backend not in backends:
             problems.append(f"--backend {self.backend!r} is not one of {', '.join(backends)}")
         if self.overlong not in OVERLONG:

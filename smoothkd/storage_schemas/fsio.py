@@ -30,7 +30,8 @@ def partial_name(name: str) -> str:
     return f"{name}.{uuid.uuid4().hex}{PARTIAL}"
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (a directory's entries: the renames and links made in it)."""
     fd = os.open(path, os.O_RDONLY)  # a directory too: that makes its entries (renames, links) durable
     try:
         os.fsync(fd)
@@ -49,7 +50,7 @@ def _makedirs(path: str) -> None:
         path = os.path.dirname(path)
     for d in reversed(new):
         os.makedirs(d, exist_ok=True)
-        _fsync(os.path.dirname(d))
+        fsync_path(os.path.dirname(d))
 
 
 def _json(data: Any) -> bytes:
@@ -99,7 +100,7 @@ class StoreLocation:
         target = self.path(*parts)
         if self.is_local:
             os.replace(self._local_temp(target, _json(data)), target)
-            _fsync(os.path.dirname(target))
+            fsync_path(os.path.dirname(target))
         else:
             self.fs.pipe_file(target, _json(data))
 
@@ -125,7 +126,7 @@ class StoreLocation:
             return False
         finally:
             os.unlink(tmp)
-        _fsync(os.path.dirname(target))
+        fsync_path(os.path.dirname(target))
         return True
 
     def sync(self, *parts: str) -> None:
@@ -135,8 +136,8 @@ class StoreLocation:
             return
         for d, _, files in os.walk(self.path(*parts), topdown=False):
             for name in files:
-                _fsync(os.path.join(d, name))
-            _fsync(d)
+                fsync_path(os.path.join(d, name))
+            fsync_path(d)
 
     def rename_to_new(self, src: tuple[str, ...], dst: tuple[str, ...]) -> bool:
         """Local: rename a directory to a name no directory with contents holds: False if one does.
@@ -151,7 +152,7 @@ class StoreLocation:
             if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 return False
             raise
-        _fsync(os.path.dirname(target))
+        fsync_path(os.path.dirname(target))
         return True
 
     def remove(self, *parts: str) -> None:

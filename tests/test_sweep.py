@@ -142,7 +142,8 @@ def test_sweep_killed_and_rerun_ends_with_the_uninterrupted_report(tmp_path, tin
         return json.loads((p.dir(name) / "metrics.json").read_text())
 
     a, b = report(whole), report(plan)
-    assert a["verdicts"] and a["forgetting"]
+    assert {"rouge_l", "unsupported_rate", "acc_norm", "nll", "kl_from_reference"} <= {v["metric"] for v in a["verdicts"]}
+    assert a["forgetting"]
     assert a["verdicts"] == b["verdicts"] and a["forgetting"] == b["forgetting"]
     assert {g: v["metrics"] for g, v in a["groups"].items()} == {g: v["metrics"] for g, v in b["groups"].items()}
     assert {"start model", "alpha=0 (SFT) original"} <= set(a["groups"])

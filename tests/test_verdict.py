@@ -15,7 +15,7 @@ def make_run(root, name, alpha, rouge, correct, seed=0):
     config = {"alpha": alpha, "loss": "topk_tail", "sources": ["original"], "temperature": 1.0, "freeze": [],
               "seed": seed}
     (d / RUN_FILE).write_text(json.dumps({"config": config}))
-    summ = [{"id": str(i), "rouge_l": float(r), "unsupported_rate": 0.5} for i, r in enumerate(rouge)]
+    summ = [{"id": str(i), "rouge_l_reference": float(r), "unsupported_rate": 0.5} for i, r in enumerate(rouge)]
     write_eval(eval_dir(d, "summarization"),
                EvalResult("summarization", str(d), {"rouge_l": float(np.mean(rouge))}, [], summ))
     items = [{"task": "arc_easy", "id": f"q{i}", "gold": 0, "pred": 0, "pred_norm": 0 if c else 1}

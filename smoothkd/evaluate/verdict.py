@@ -39,7 +39,8 @@ def _item(r: Row) -> str:
 
 
 PAIRED_METRICS = (
-    PairedMetric("summarization", "rouge_l", "ROUGE-L", True, _field("rouge_l"), lambda r: str(r["id"])),
+    PairedMetric("summarization", "rouge_l", "ROUGE-L against the reference", True, _field("rouge_l_reference"),
+                 lambda r: str(r["id"])),
     PairedMetric("summarization", "unsupported_rate", "unsupported entities and numbers", False,
                  _field("unsupported_rate"), lambda r: str(r["id"])),
     PairedMetric("summarization", "lookback_ratio", "lookback ratio", True, _field("lookback_ratio"),

@@ -342,7 +342,7 @@ def _forest(found: list[Verdict], out: Path) -> list[tuple[str, str]]:
         by_metric[(v.eval, v.metric)].append(v)
     made = []
     for (ev, metric), vs in sorted(by_metric.items()):
-        fig, ax = plt.subplots(figsize=(5, 0.6 + 0.35 * len(vs)))
+        fig, ax = plt.subplots(figsize=(7, 1.1 + 0.35 * len(vs)))
         ys = np.arange(len(vs))
         d = np.array([v.stats.diff for v in vs])
         err = np.array([[v.stats.diff - v.stats.ci_low for v in vs], [v.stats.ci_high - v.stats.diff for v in vs]])
@@ -350,7 +350,7 @@ def _forest(found: list[Verdict], out: Path) -> list[tuple[str, str]]:
         ax.axvline(0, c="grey", lw=1, ls="--")
         ax.set_yticks(ys, [v.group for v in vs], fontsize=7)
         better = "higher" if vs[0].stats.higher_is_better else "lower"
-        ax.set_xlabel(f"{vs[0].label}: group - SFT ({better} is better)", fontsize=8)
+        ax.set_xlabel(f"{vs[0].label}\ngroup - SFT, 95% CI ({better} is better)", fontsize=8)
         fig.tight_layout()
         file = f"forest_{ev}_{metric}.png".replace("/", "_")
         fig.savefig(out / file, dpi=120)

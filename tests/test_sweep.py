@@ -142,7 +142,8 @@ def test_sweep_killed_and_rerun_ends_with_the_uninterrupted_report(tmp_path, tin
         return json.loads((p.dir(name) / "metrics.json").read_text())
 
     a, b = report(whole), report(plan)
-    assert {"rouge_l", "unsupported_rate", "acc_norm", "nll", "kl_from_reference"} <= {v["metric"] for v in a["verdicts"]}
+    # (the tiny model's summaries name no entities, so unsupported_rate has no values to pair)
+    assert {"rouge_l", "acc_norm", "nll", "kl_from_reference"} <= {v["metric"] for v in a["verdicts"]}
     assert a["forgetting"]
     assert a["verdicts"] == b["verdicts"] and a["forgetting"] == b["forgetting"]
     assert {g: v["metrics"] for g, v in a["groups"].items()} == {g: v["metrics"] for g, v in b["groups"].items()}

@@ -38,7 +38,7 @@ class PrecomputeConfig:
     fields: dict[str, str] = opt({}, "Column names of another instruction set, e.g. response=answer.", cli=FIELD_MAP)
     dataset_split: str = opt("train", "Split to read when --dataset is a hub id.")
     chat_template: str | None = opt(None, "A Jinja chat template file, for tokenizers without one.", cli=EXISTING_FILE)
-    skip_invalid: bool = opt(False, "Skip (and count) records with missing fields or empty responses instead of failing.")
+    skip_invalid: bool = opt(False, "Skip (and count) records with missing fields or empty responses, and lines that are not JSON or not UTF-8, instead of failing.")
     overwrite: bool = opt(False, "Replace an existing store at --out that was built differently.")
     dtype: str = opt("auto", "Teacher dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
     device: str = opt("auto", "Teacher device (hf backend): auto, cpu, cuda, cuda:1, ...")

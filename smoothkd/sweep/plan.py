@@ -158,8 +158,7 @@ def grid_points(sweep: Sweep) -> list[dict[str, Any]]:
 
 def _run_prefix(point: dict[str, Any], grid: dict[str, list[Any]]) -> str:
     """A readable name from the grid values that vary (the hash keeps it unique)."""
-    short = {"alpha": "a", "lr": "lr", "batch_size": "bs", "seed": "s", "sources": "src", "loss": "",
-             "temperature": "T", "freeze": "fz"}
+    short = {"batch_size": "bs", "seed": "s", "sources": "src", "loss": "", "temperature": "T", "freeze": "fz"}
     parts = [f"a{point['alpha']:g}"]
     for k in sorted(point):
         if k == "alpha" or len(grid.get(k, [])) < 2:

@@ -154,7 +154,7 @@ def _run_ray(plan: Plan, steps: list[Step], status: dict[str, str], on_change: C
             continue
         deps = [refs[n] for n in s.needs if n in refs]
         if s.kind == PRECOMPUTE:  # on the driver: Ray shards of a store are the precompute's own --ray-shards
-            ray.get(deps) if deps else None
+            ray.get(deps)  # the steps it needs (a fine-tuned teacher) have finished
             status[s.name] = RUNNING
             on_change(status)
             status[s.name] = DONE if execute(_write_step(plan, s)) else FAILED

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from smoothkd.errors import InputError
 from smoothkd.sweep import runner
 from smoothkd.sweep.plan import build_plan
 from smoothkd.sweep.schema import load_sweep
+from smoothkd.batches import StoreDataset
+from smoothkd.storage_schemas import SoftLabelStore
 from smoothkd.sweep.worker import run_in_this_process
 
 from conftest import REPO, need, write_jsonl
@@ -107,6 +111,58 @@ def test_plan_adds_sft_and_shares_it_and_an_added_alpha_adds_only_its_steps(tmp_
     assert all(n.startswith(("run-a2-", "report-")) or "run-a2-" in n for n in new)
 
 
+def test_two_sweeps_with_other_teachers_share_their_sft_runs_which_see_the_kd_runs_batches(tmp_path, tiny_model, dolly):
+    """SFT reads the student's k = 1 tokens store: named by the token stream alone, so sweeps of
+    other teachers sharing a steps_dir share it, its SFT runs and the start model's evaluations;
+    and its batches are the ones a KD run sees in the teacher's store (greedy responses and all)."""
+    store = {"top_k": 8, "max_length": 256, "heldout_fraction": 0.25, "part_size": 12, "augment": ["greedy"],
+             "max_new_tokens": 6}
+    steps = str(tmp_path / "steps")
+    a = build_plan(load_sweep(sweep_file(tmp_path / "a", tiny_model, dolly, store=store, steps_dir=steps)))
+    b = build_plan(load_sweep(sweep_file(tmp_path / "b", tiny_model, dolly, steps_dir=steps,
+                                         store={**store, "top_k": 4, "augment": []},
+                                         teacher={"model": str(tiny_model), "finetune": {"max_steps": 1}},
+                                         grid={"alpha": [0, 1.0], "seed": [0, 1]})))
+    shared = set(a.steps) & set(b.steps)
+    prefixes = sorted(re.sub(r"-[0-9a-f]{8}", "", n) for n in shared)
+    assert prefixes == sorted(["tokens", "run-a0-s0", "run-a0-s1", "summ0-start", "general-start", "calib-start",
+                               *[f"{kind}-run-a0-s{i}" for kind in ("summ0", "general", "calib") for i in (0, 1)]])
+    assert a.dir(next(iter(shared))).parent == b.dir(next(iter(shared))).parent == Path(steps)
+    # b's teacher is fine-tuned on the same tokens store
+    assert next(s for s in b.steps.values() if s.name.startswith("teacher-")).needs == (
+        next(n for n in shared if n.startswith("tokens-")),)
+
+    tokens, kd = (next(n for n in a.steps if n.startswith(p)) for p in ("tokens-", "store-"))
+    runner.prepare(a)
+    assert set(runner.run_plan(a, [a.steps[tokens], a.steps[kd]], execute=run_in_this_process).values()) == {"done"}
+    sft = [StoreDataset(SoftLabelStore(str(a.dir(n) / "store")), ["original"]) for n in (tokens, kd)]
+    assert len(StoreDataset(SoftLabelStore(str(a.dir(kd) / "store")), ["original", "teacher_greedy"])) > len(sft[1])
+    for seed in (0, 1):
+        order = [d.batches(epoch=0, seed=seed, batch_size=2) for d in sft]
+        assert [b.tolist() for b in order[0]] == [b.tolist() for b in order[1]]
+        for positions in order[0]:
+            x, y = (d.load(positions) for d in sft)
+            assert x.input_ids.equal(y.input_ids) and x.targets.equal(y.targets) and x.supervised.equal(y.supervised)
+
+
+def test_a_grid_of_several_products_is_their_union(tmp_path, tiny_model, dolly):
+    """Kaplan et al.'s comparison is no product: SFT, KD at two alphas, and SFT with a group frozen."""
+    plan = build_plan(load_sweep(sweep_file(tmp_path, tiny_model, dolly, grid=[
+        {"alpha": [1.0, 10.0], "seed": [0, 1]}, {"alpha": [0], "freeze": [["mlp"]], "seed": [0, 1]}])))
+    runs = {re.sub(r"-[0-9a-f]{8}$", "", s.name): s for s in plan.steps.values() if s.kind == "distill"}
+    assert sorted(runs) == sorted(f"run-a{a}-{fz}-s{i}" for a, fz in (("0", "fznone"), ("1", "fznone"),
+                                                                    ("10", "fznone"), ("0", "fzmlp")) for i in (0, 1))
+    assert runs["run-a0-fzmlp-s0"].config["freeze"] == ["mlp"]
+    # SFT, frozen or not, reads the tokens store; KD the teacher's
+    assert {r.needs[0].split("-")[0] for n, r in runs.items() if n.startswith("run-a0-")} == {"tokens"}
+    assert {r.needs[0].split("-")[0] for n, r in runs.items() if not n.startswith("run-a0-")} == {"store"}
+    bad = sweep_file(tmp_path, tiny_model, dolly, grid=[{"alpha": [1.0]}, {"alpha": [0], "frezee": [["mlp"]]},
+                                                        {"seed": []}])
+    with pytest.raises(InputError) as e:
+        load_sweep(bad)
+    assert "unknown key grid.1.frezee" in str(e.value) and "grid[2].seed is empty" in str(e.value)
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_model, dolly):
     path = sweep_file(tmp_path, tiny_model, dolly)
     result = CliRunner().invoke(app, ["sweep", "run", str(path), "--dry-run"])
@@ -131,15 +187,18 @@ def test_sweep_killed_and_rerun_ends_with_the_uninterrupted_report(tmp_path, tin
     assert len(done) == 5 and list(before.values()).count(runner.PARTIAL) == 1
     stamps = {n: (plan.dir(n) / "done.json").stat().st_mtime_ns for n in done}
     executed = []
-    final = runner.run_plan(plan, list(plan.steps.values()),
-                            execute=lambda d: executed.append(d.name) or run_in_this_process(d))
+
+    def record(d: Path) -> bool:
+        executed.append(d.name)
+        return run_in_this_process(d)
+
+    final = runner.run_plan(plan, list(plan.steps.values()), execute=record)
     assert set(final.values()) == {runner.DONE}
     assert not set(executed) & set(done)  # finished steps were skipped
     assert all((plan.dir(n) / "done.json").stat().st_mtime_ns == stamps[n] for n in done)
 
     def report(p) -> dict:
-        name = next(n for n in p.steps if n.startswith("report-"))
-        return json.loads((p.dir(name) / "metrics.json").read_text())
+        return json.loads((p.out / "report" / "metrics.json").read_text())
 
     a, b = report(whole), report(plan)
     # (the tiny model's summaries name no entities, so unsupported_rate has no values to pair)
@@ -148,7 +207,7 @@ def test_sweep_killed_and_rerun_ends_with_the_uninterrupted_report(tmp_path, tin
     assert a["verdicts"] == b["verdicts"] and a["forgetting"] == b["forgetting"]
     assert {g: v["metrics"] for g, v in a["groups"].items()} == {g: v["metrics"] for g, v in b["groups"].items()}
     assert {"start model", "alpha=0 (SFT) original"} <= set(a["groups"])
-    md = (p := plan.dir(next(n for n in plan.steps if n.startswith("report-")))) / "report.md"
+    md = (p := plan.out / "report") / "report.md"
     assert md.read_text().index("## Verdict") < md.read_text().index("## All metrics")
     assert (p / "report.html").exists() and list(p.glob("forest_*.png"))
 
@@ -157,6 +216,29 @@ def test_sweep_killed_and_rerun_ends_with_the_uninterrupted_report(tmp_path, tin
                                              grid={"alpha": [0, 0.5, 2.0], "seed": [0, 1]})))
     pending = [s.name for s in runner.states(grown) if s.status != runner.DONE]
     assert len(pending) == 2 + 2 * 3 + 1 and all("a2-" in n or n.startswith("report-") for n in pending)
+    # a finished run keeps its model, not its resume checkpoint
+    assert all(not (plan.dir(s.name) / "checkpoint").exists() and list(plan.dir(s.name).glob("*.safetensors"))
+               for s in plan.steps.values() if s.kind == "distill")
+
+    # a fresh checkout of the sweep: its small files, no stores, no weights
+    for s in plan.steps.values():
+        if s.kind == "precompute":
+            shutil.rmtree(plan.dir(s.name) / "store")
+        for w in plan.dir(s.name).glob("*.safetensors"):
+            w.unlink()
+    assert {s.status for s in runner.states(plan) if s.kind in ("precompute", "distill")} == {runner.GONE}
+    executed.clear()
+    assert set(runner.run_plan(plan, list(plan.steps.values()), execute=record).values()) == {runner.DONE}
+    assert not executed  # nothing to run needs what is gone
+    # the new alpha's runs need the teacher's store, their calibrations the tokens store: both rebuilt, the
+    # same as before; the finished runs are not
+    final = runner.run_plan(grown, list(grown.steps.values()), execute=record)
+    assert set(final.values()) == {runner.DONE}
+    assert sorted(n.split("-")[0] for n in executed) == sorted(
+        ["store", "tokens"] + ["run"] * 2 + ["summ0", "general", "calib"] * 2 + ["report"])
+    for name in (n for n in executed if n.startswith(("store-", "tokens-"))):
+        done = json.loads((grown.dir(name) / "done.json").read_text())
+        assert done["output_digest"] and "rebuilt_from" not in done, name
 
 
 def test_cli_sweep_names_a_failed_step_and_goes_on(tmp_path, tiny_model, dolly):

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from smoothkd.cli_options import friendly
 from smoothkd.sweep import runner
-from smoothkd.sweep.plan import Plan, build_plan
+from smoothkd.sweep.plan import REPORT_DIR, Plan, build_plan
 from smoothkd.sweep.schema import load_sweep
 
 sweep_app = typer.Typer(help="Experiments: a grid of runs from one store, evaluated and compared with a verdict.",
@@ -25,7 +25,7 @@ out = Console()
 err = Console(stderr=True)
 
 _STYLE = {runner.DONE: "green", runner.RUNNING: "bold cyan", runner.PENDING: "dim", runner.PARTIAL: "yellow",
-          runner.FAILED: "bold red", runner.BLOCKED: "red"}
+          runner.FAILED: "bold red", runner.BLOCKED: "red", runner.GONE: "green"}
 
 
 def _load(path: Path) -> Plan:
@@ -104,8 +104,7 @@ def run(
         for n, s in bad.items():
             err.print(f"[bold red]{s}[/]: {n} (log: {plan.dir(n) / runner.LOG_FILE})", highlight=False)
         raise typer.Exit(1)
-    report = next(s for s in plan.steps.values() if s.kind == "report")
-    out.print(f"[bold green]all {len(final)} steps done[/]; report: {plan.dir(report.name) / 'report.html'}",
+    out.print(f"[bold green]all {len(final)} steps done[/]; report: {plan.out / REPORT_DIR / 'report.html'}",
               highlight=False)
 
 
@@ -129,12 +128,13 @@ def _print_plan(plan: Plan, steps: list) -> None:
     for c in ("step", "kind", "status", "~tokens", "needs"):
         t.add_column(c)
     counts: Counter[str] = Counter()
+    total = 0
     for s in steps:
         st = runner.step_state(plan, s)
         counts[st.status] += 1
+        total += s.cost_tokens if st.status not in (runner.DONE, runner.GONE) else 0
         t.add_row(s.name, s.kind, f"[{_STYLE[st.status]}]{st.status}[/]", f"{s.cost_tokens:,}",
                   ", ".join(s.needs) if len(s.needs) <= 2 else f"{len(s.needs)} steps")
     out.print(t, highlight=False)
-    total = sum(s.cost_tokens for s in steps if runner.step_state(plan, s).status != runner.DONE)
     out.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; ~{total:,} tokens to process "
               "(a rough estimate: characters / 4)", highlight=False)

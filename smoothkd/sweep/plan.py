@@ -1,17 +1,25 @@
 """From a sweep file to a plan: every step with its resolved config, its inputs and its directory.
 
 A step's directory is named by a short hash of what determines its output: its kind, its
-config as the sweep file states it (paths as written there, other steps by name) and the
-names of the steps it reads (whose names carry their own hashes). So a re-run finds finished
+config as the sweep file states it (paths relative to the steps directory, so that every sweep
+sharing it names a file alike, on any machine; other steps by name) and the names of the steps it reads (whose names carry their own hashes). So a re-run finds finished
 steps where it left them, and a value added to one grid axis makes new directories only for
 the steps that value changes.
+
+Plain SFT (alpha 0 on the original responses) never reads a teacher's labels: those runs, the
+teacher's fine-tune and every calibration read a `tokens` store, the student's own k = 1 pass
+over the records, named by what fixes the token stream alone (records, tokenizer, lengths, split).
+Two sweeps of one student on the same records that share a steps directory (`steps_dir`) therefore
+share their SFT runs and the start model's evaluations, whatever their teachers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +30,7 @@ from smoothkd.precompute.config import PrecomputeConfig
 from smoothkd.sweep.schema import Sweep
 
 STEPS_DIR = "steps"
+REPORT_DIR = "report"  # <out>/report: the latest report of the sweep, whichever report step wrote it
 STORE_SUBDIR = "store"  # a precompute step's store, beside its step.json and log
 HASH_LEN = 8
 
@@ -29,6 +38,10 @@ HASH_LEN = 8
 PRECOMPUTE, DISTILL, SUMMARIZATION, GENERAL, CALIBRATION, REPORT = (
     "precompute", "distill", "summarization", "general", "calibration", "report")
 EVAL_KINDS = (SUMMARIZATION, GENERAL, CALIBRATION)
+
+# The store options that decide a store's token stream (records kept, their tokens, parts and
+# split); the others (teacher, k, backend, batching, greedy responses) only its labels.
+TOKEN_STREAM_OPTIONS = ("max_length", "overlong", "part_size", "heldout_fraction", "chat_template", "skip_invalid")
 
 
 @dataclass(frozen=True)
@@ -46,13 +59,15 @@ class Plan:
     sweep: Sweep
     out: Path
     steps: dict[str, Step]  # name -> step, dependencies before the steps that need them
+    steps_root: Path  # where the step directories are: <out>/steps, or the sweep's steps_dir
 
     def dir(self, name: str) -> Path:
-        return self.out / STEPS_DIR / name
+        return self.steps_root / name
 
 
 def build_plan(sweep: Sweep) -> Plan:
     out = Path(sweep.path(sweep.file.out))
+    root = Path(sweep.path(sweep.file.steps_dir)) if sweep.file.steps_dir else out / STEPS_DIR
     steps: dict[str, Step] = {}
     f = sweep.file
 
@@ -62,48 +77,69 @@ def build_plan(sweep: Sweep) -> Plan:
                                            default=str).encode()).hexdigest()[:HASH_LEN]
         name = f"{prefix}-{digest}"
         # where the stage writes: a store goes in a folder of its own beside the step's log
-        target = step_path(name, STORE_SUBDIR) if kind == PRECOMPUTE else step_path(name)
+        target = {PRECOMPUTE: step_path(name, STORE_SUBDIR), REPORT: str(out / REPORT_DIR)}.get(kind, step_path(name))
         steps.setdefault(name, Step(name, kind, {**config, "out": target}, needs, cost, role or {}))
         return steps[name]
 
     def step_path(name: str, sub: str = "") -> str:
-        return str(out / STEPS_DIR / name / sub) if sub else str(out / STEPS_DIR / name)
+        return str(root / name / sub) if sub else str(root / name)
+
+    def stated_path(value: str) -> str:
+        return os.path.relpath(sweep.path(value), root)
+
+    def stated_model(model: str) -> str:
+        from smoothkd.models import EMBEDDED
+
+        return model if model in EMBEDDED else stated_path(model)
 
     records, tokens_per_record = _dataset_size(sweep)
-    dataset = {"dataset": f.dataset.path, "limit": f.dataset.limit}
+    dataset = {"dataset": stated_path(f.dataset.path), "limit": f.dataset.limit}
     dataset_resolved = {"dataset": sweep.path(f.dataset.path), "limit": f.dataset.limit}
     store_tokens = records * tokens_per_record
 
-    teacher_model, teacher_stated, teacher_needs = _model(sweep, f.teacher.model), f.teacher.model, ()
+    def tokens_store(model_stated: str, model: str, needs: tuple[str, ...] = ()) -> Step:
+        """The records under `model`'s tokenizer, k = 1 and no greedy responses: what SFT reads."""
+        stream = {k: v for k, v in sweep.store.items() if k in TOKEN_STREAM_OPTIONS}
+        if stream.get("chat_template"):
+            stream["chat_template"] = stated_path(stream["chat_template"])
+        stated = {**stream, **dataset, "model": model_stated, "top_k": 1, "augment": []}
+        resolved = {**sweep.store, **dataset_resolved, "model": model, "top_k": 1, "augment": []}
+        return add("tokens", PRECOMPUTE, stated, _precompute(resolved, dataset_resolved, model), needs,
+                   store_tokens, {"ray_shards": f.ray_shards} if f.ray_shards else {})
+
+    teacher_model, teacher_stated, teacher_needs = _model(sweep, f.teacher.model), stated_model(f.teacher.model), ()
     if sweep.finetune is not None:
-        # Plain SFT needs the dataset's token stream: a store of the untuned teacher with k = 1 (its
-        # labels are never read at alpha 0), with the same split, lengths and parts as the main store.
-        stated = {**sweep.store, **dataset, "model": f.teacher.model, "top_k": 1, "augment": []}
-        sft_store = add("sftstore", PRECOMPUTE, stated, _precompute(stated, dataset_resolved, teacher_model), (),
-                        store_tokens, {"ray_shards": f.ray_shards} if f.ray_shards else {})
-        stated = {**sweep.finetune, "alpha": 0.0, "model": f.teacher.model, "store": f"step:{sft_store.name}"}
+        # the paper fine-tunes every teacher with plain SFT on the records first
+        ft_store = tokens_store(teacher_stated, teacher_model)
+        stated = {**sweep.finetune, "alpha": 0.0, "model": teacher_stated, "store": f"step:{ft_store.name}"}
         ft = add("teacher", DISTILL, stated,
-                 _distill({**sweep.finetune, "alpha": 0.0}, teacher_model, step_path(sft_store.name, STORE_SUBDIR)),
-                 (sft_store.name,), _train_tokens(sweep.finetune, store_tokens), {"role": "teacher"})
+                 _distill({**sweep.finetune, "alpha": 0.0}, teacher_model, step_path(ft_store.name, STORE_SUBDIR)),
+                 (ft_store.name,), _train_tokens(sweep.finetune, store_tokens), {"role": "teacher", **_drop(f)})
         teacher_model, teacher_stated, teacher_needs = step_path(ft.name), f"step:{ft.name}", (ft.name,)
 
     stated = {**sweep.store, **dataset, "model": teacher_stated}
     # how a store is built (shards as Ray tasks or not) does not change it: a role, not in the hash
     shards = {"ray_shards": f.ray_shards} if f.ray_shards else {}
-    store = add("store", PRECOMPUTE, stated, _precompute(stated, dataset_resolved, teacher_model), teacher_needs,
-                store_tokens * (2 if sweep.store.get("augment") else 1), shards)
-    store_url = step_path(store.name, STORE_SUBDIR)
-
     student = _model(sweep, f.student.model)
+    store = None  # the teacher's store, for the runs that read its labels or its greedy responses
+    if any(not _plain_sft({**sweep.train, **p}) for p in grid_points(sweep)):  # a KD run or one on greedy responses
+        store = add("store", PRECOMPUTE, stated, _precompute(stated, dataset_resolved, teacher_model), teacher_needs,
+                    store_tokens * (2 if sweep.store.get("augment") else 1), shards)
+    student_stated = stated_model(f.student.model)
+    tokens = tokens_store(student_stated, student)
+
     runs = []
-    for point in grid_points(sweep):
+    points = grid_points(sweep)
+    for point in points:
         options = {**sweep.train, **point}
-        stated = {**options, "model": f.student.model, "store": f"step:{store.name}"}
-        runs.append(add(_run_prefix(point, sweep.grid), DISTILL, stated, _distill(options, student, store_url),
-                        (store.name,), _train_tokens(options, store_tokens), {"role": "run", "grid": point}))
+        reads = tokens if store is None or _plain_sft(options) else store
+        stated = {**options, "model": student_stated, "store": f"step:{reads.name}"}
+        runs.append(add(_run_prefix(point, _varying(points)), DISTILL, stated,
+                        _distill(options, student, step_path(reads.name, STORE_SUBDIR)),
+                        (reads.name,), _train_tokens(options, store_tokens), {"role": "run", "grid": point, **_drop(f)}))
 
     # Reference rows: the student before training (forgetting's baseline) and the teacher.
-    models = [("start", student, f.student.model, ())]
+    models = [("start", student, student_stated, ())]
     if teacher_model != student:
         models.append(("teacher", teacher_model, teacher_stated, teacher_needs))
     models += [(r.name, step_path(r.name), f"step:{r.name}", (r.name,)) for r in runs]
@@ -112,58 +148,92 @@ def build_plan(sweep: Sweep) -> Plan:
         for i, s in enumerate(f.evaluate.summarization):
             opts = s.model_dump()
             cfg = {**opts, "dataset": sweep.path(s.dataset), "model": model}
-            evals.append(add(f"summ{i}-{who[:24]}", SUMMARIZATION, {**opts, "model": model_stated},
+            evals.append(add(f"summ{i}-{who[:24]}", SUMMARIZATION,
+                             {**opts, "dataset": stated_path(s.dataset), "model": model_stated},
                              cfg, needs, (s.limit or 100) * (s.max_prompt_tokens + s.max_new_tokens),
                              {"kind": SUMMARIZATION, "model": who, "dataset": s.dataset, "index": i}))
         if f.evaluate.general:
             g = f.evaluate.general.model_dump()
             cfg = {**g, "data_dir": sweep.path(g["data_dir"]), "model": model, "tasks": list(g["tasks"])}
-            evals.append(add(f"general-{who[:24]}", GENERAL, {**g, "model": model_stated}, cfg,
+            evals.append(add(f"general-{who[:24]}", GENERAL,
+                             {**g, "data_dir": stated_path(g["data_dir"]), "model": model_stated}, cfg,
                              needs, len(g["tasks"]) * (g["limit"] or 500) * 4 * 64, {"kind": GENERAL, "model": who}))
         if f.evaluate.calibration:
+            # on the held-out records of the tokens store: calibration reads no teacher labels
             c = f.evaluate.calibration.model_dump()
-            ref = f.student.model if f.evaluate.forgetting else None
-            cfg = {**c, "model": model, "store": store_url,
+            ref = student_stated if f.evaluate.forgetting else None
+            cfg = {**c, "model": model, "store": step_path(tokens.name, STORE_SUBDIR),
                    "reference": student if f.evaluate.forgetting and model != student else None}
             evals.append(add(f"calib-{who[:24]}", CALIBRATION,
-                             {**c, "model": model_stated, "store": f"step:{store.name}", "reference": ref},
-                             cfg, (*needs, store.name),
+                             {**c, "model": model_stated, "store": f"step:{tokens.name}", "reference": ref},
+                             cfg, (*needs, tokens.name),
                              int(store_tokens * float(sweep.store.get("heldout_fraction", 0.05)) + 1),
                              {"kind": CALIBRATION, "model": who}))
     names = {"runs": [r.name for r in runs], "evals": [e.name for e in evals]}
     add("report", REPORT, names, names, tuple(r.name for r in runs) + tuple(e.name for e in evals), 0)
-    return Plan(sweep, out, steps)
+    return Plan(sweep, out, steps, root)
+
+
+def output_present(kind: str, step_dir: Path) -> bool:
+    """Whether a finished step's heavy output (a store, a model's weights) is in its directory."""
+    if kind == PRECOMPUTE:
+        return (step_dir / STORE_SUBDIR / "zarr.json").is_file()
+    if kind == DISTILL:
+        return any(step_dir.glob("*.safetensors"))
+    return True  # evaluations and reports: small files, kept with the sweep
+
+
+def _default(option: str) -> Any:
+    f = DistillConfig.__dataclass_fields__[option]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _plain_sft(options: dict[str, Any]) -> bool:
+    """Alpha 0 on the original responses only: reads no teacher labels, so the tokens store serves it."""
+    sources = options.get("sources") or _default("sources")
+    return float(options.get("alpha", DistillConfig.alpha)) == 0.0 and list(sources) == ["original"]
+
+
+def _drop(f: Any) -> dict[str, Any]:
+    """A run's role: drop its resume checkpoint once finished (optimizer state, ~3x the model)?"""
+    return {} if f.keep_checkpoints else {"drop_checkpoint": True}
 
 
 def grid_points(sweep: Sweep) -> list[dict[str, Any]]:
-    """The grid's product; alpha 0 (the SFT baseline) always in it, once per remaining point (its
-    loss and temperature play no part, so they are set to the defaults and SFT runs are shared)."""
-    grid = dict(sweep.grid)
-    alphas = [float(a) for a in grid.pop("alpha", [DistillConfig.alpha])]
-    if 0.0 not in alphas:
-        alphas = [0.0, *alphas]
-    keys = sorted(grid)
+    """The union of the grid's products; alpha 0 (the SFT baseline) always in each, once per
+    remaining point (its loss and temperature play no part, so they are set to the defaults and
+    SFT runs are shared)."""
     points, seen = [], set()
-    for alpha in alphas:
-        for values in itertools.product(*(grid[k] for k in keys)):
-            point = {"alpha": alpha, **dict(zip(keys, values))}
-            if alpha == 0.0:
-                point = {**point, **{k: getattr(DistillConfig, k) for k in ("loss", "temperature") if k in point}}
-            key = json.dumps(point, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                points.append(point)
+    for product in sweep.grid or [{}]:
+        grid = dict(product)
+        alphas = [float(a) for a in grid.pop("alpha", [DistillConfig.alpha])]
+        if 0.0 not in alphas:
+            alphas = [0.0, *alphas]
+        keys = sorted(grid)
+        for alpha in alphas:
+            for values in itertools.product(*(grid[k] for k in keys)):
+                point = {"alpha": alpha, **dict(zip(keys, values))}
+                if alpha == 0.0:
+                    point = {**point, **{k: getattr(DistillConfig, k) for k in ("loss", "temperature") if k in point}}
+                key = json.dumps(point, sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    points.append(point)
     return points
 
 
-def _run_prefix(point: dict[str, Any], grid: dict[str, list[Any]]) -> str:
+def _varying(points: list[dict[str, Any]]) -> set[str]:
+    """The options that take more than one value over the grid (absent counts as a value)."""
+    keys = {k for p in points for k in p}
+    return {k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in points}) > 1}
+
+
+def _run_prefix(point: dict[str, Any], varying: set[str]) -> str:
     """A readable name from the grid values that vary (the hash keeps it unique)."""
     short = {"batch_size": "bs", "seed": "s", "sources": "src", "loss": "", "temperature": "T", "freeze": "fz"}
     parts = [f"a{point['alpha']:g}"]
-    for k in sorted(point):
-        if k == "alpha" or len(grid.get(k, [])) < 2:
-            continue
-        v = point[k]
+    for k in sorted(varying - {"alpha"}):
+        v = point[k] if k in point else _default(k)
         v = "+".join(x[:4] for x in v) or "none" if isinstance(v, list) else (f"{v:g}" if isinstance(v, float) else v)
         parts.append(f"{short.get(k, k)}{v}")
     return "run-" + "-".join(str(p) for p in parts).replace("/", "_")

@@ -4,6 +4,10 @@ Locally, up to --max-parallel steps run at once as subprocesses; with --ray ever
 task whose arguments are the tasks it depends on, so Ray orders and places them (one GPU each
 where the cluster has GPUs). A failed step is named with its log; the steps that do not depend
 on it go on, the ones that do are reported as blocked.
+
+A finished step whose heavy output is not here (a fresh checkout of a sweep whose small files were
+committed, stores and model weights not) is `gone`: it counts as done, and runs again only when a
+step still to run needs its output. The rebuilt output's digest is checked against the first one.
 """
 
 from __future__ import annotations
@@ -17,19 +21,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 from smoothkd.errors import InputError
-from smoothkd.sweep.plan import Plan, Step
+from smoothkd.sweep.plan import REPORT, Plan, Step, output_present
 from smoothkd.sweep.layout import DONE_FILE, FAILED_FILE, LOG_FILE, STEP_FILE, write_json_atomic
 from smoothkd.sweep.worker import run_in_subprocess, run_in_this_process
 
 SWEEP_FILE = "sweep.json"
-DONE, RUNNING, PENDING, PARTIAL, FAILED, BLOCKED = "done", "running", "pending", "partial", "failed", "blocked"
+DONE, RUNNING, PENDING, PARTIAL, FAILED, BLOCKED, GONE = (
+    "done", "running", "pending", "partial", "failed", "blocked", "gone")
 
 
 @dataclass(frozen=True)
 class StepState:
     name: str
     kind: str
-    status: str  # done, pending (nothing written), partial (started, resumable), failed, running, blocked
+    status: str  # done, gone (done, output not here), pending (nothing written), partial (started, resumable),
+    # failed, running, blocked
     seconds: float | None  # of the finished step
     cost_tokens: int
     log: str
@@ -39,7 +45,8 @@ def step_state(plan: Plan, step: Step) -> StepState:
     d = plan.dir(step.name)
     status, seconds = PENDING, None
     if (d / DONE_FILE).exists():
-        status, seconds = DONE, json.loads((d / DONE_FILE).read_text()).get("seconds")
+        status = DONE if output_present(step.kind, d) else GONE
+        seconds = json.loads((d / DONE_FILE).read_text()).get("seconds")
     elif (d / FAILED_FILE).exists():
         status = FAILED
     elif (d / STEP_FILE).exists():
@@ -102,8 +109,7 @@ def run_plan(plan: Plan, steps: list[Step], max_parallel: int = 1, use_ray: bool
              execute: Callable[[Path], bool] = run_in_subprocess) -> dict[str, str]:
     """Run the steps not yet done; name -> final status. `execute` runs one step directory and says
     whether it finished (a subprocess each by default; Ray tasks with use_ray)."""
-    status = {s.name: step_state(plan, s).status for s in steps}
-    status = {n: (DONE if st == DONE else PENDING) for n, st in status.items()}
+    status = _to_run(steps, {s.name: step_state(plan, s).status for s in steps})
     on_change(status)
     if use_ray:
         return _run_ray(plan, steps, status, on_change, execute)
@@ -128,6 +134,20 @@ def run_plan(plan: Plan, steps: list[Step], max_parallel: int = 1, use_ray: bool
                 name = running.pop(fut)
                 status[name] = DONE if fut.result() else FAILED
     return status
+
+
+def _to_run(steps: list[Step], found: dict[str, str]) -> dict[str, str]:
+    """done or pending per step: a gone step is done unless a step still to run needs its output
+    (a report reads only the small files a run keeps)."""
+    by_name = {s.name: s for s in steps}
+    rebuild: set[str] = set()
+    todo = [n for n, st in found.items() if st not in (DONE, GONE) and by_name[n].kind != REPORT]
+    while todo:
+        for need in by_name[todo.pop()].needs:
+            if found.get(need) == GONE and need not in rebuild:
+                rebuild.add(need)
+                todo.append(need)
+    return {n: DONE if st in (DONE, GONE) and n not in rebuild else PENDING for n, st in found.items()}
 
 
 def _run_ray(plan: Plan, steps: list[Step], status: dict[str, str], on_change: Callable[[dict[str, str]], None],

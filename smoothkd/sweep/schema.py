@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from smoothkd.distill.config import DistillConfig
-from smoothkd.errors import InputError
+from smoothkd.errors import InputError, SmoothkdError
 from smoothkd.evaluate.config import GENERAL_TASKS, DEFAULT_INSTRUCTION
 from smoothkd.precompute.config import PrecomputeConfig
 
@@ -108,13 +108,21 @@ class SweepFile(Strict):
     """What `smoothkd sweep run` reads. Paths are relative to the sweep file's folder."""
 
     name: str
-    out: str = Field(description="The sweep's directory: every step, the report.")
+    out: str = Field(description="The sweep's directory: its steps (unless steps_dir), the latest report in <out>/report.")
+    steps_dir: Optional[str] = Field(
+        None, description="Where the steps live (default <out>/steps). Sweeps that share one share the steps they "
+                          "have in common: e.g. two experiments on one student and the same records share their "
+                          "SFT runs and the start model's evaluations.")
+    keep_checkpoints: bool = Field(False, description="Keep a finished run's resume checkpoint (its optimizer "
+                                                      "state, ~3x the model); by default only the model is kept.")
     dataset: Dataset
     teacher: Teacher
     student: Student
     store: dict[str, Any] = Field(default_factory=dict, description="precompute options: top_k, augment, ...")
     train: dict[str, Any] = Field(default_factory=dict, description="distill options shared by every run.")
-    grid: dict[str, Any] = Field(default_factory=dict, description="distill options as lists: their product.")
+    grid: dict[str, Any] | list[dict[str, Any]] = Field(
+        default_factory=dict, description="distill options as lists: their product; or a list of such products, "
+                                          "whose union is the grid (e.g. KD alphas, and SFT with a group frozen).")
     evaluate: Evaluate = Field(default_factory=Evaluate)
     ray_shards: Optional[int] = Field(None, ge=1, description="Build each store as N Ray tasks "
                                                            "(precompute --ray-shards N).")
@@ -128,7 +136,7 @@ class Sweep:
     root: Path  # the sweep file's folder, which relative paths start from
     store: dict[str, Any]
     train: dict[str, Any]
-    grid: dict[str, list[Any]]
+    grid: list[dict[str, list[Any]]]  # products, whose union is the grid
     finetune: dict[str, Any] | None
 
     def path(self, value: str) -> str:
@@ -160,17 +168,31 @@ def load_sweep(path: str | Path) -> Sweep:
         problems += [_problem(path, lines, err["loc"], err["msg"], err["type"], _valid_keys(SweepFile, err["loc"]))
                      for err in e.errors()]
     train_m, grid_m, store_m = _models()
-    sections = {"store": store_m, "train": train_m, "grid": grid_m}
+    raw_grid = data.get("grid") or {}
+    products = raw_grid if isinstance(raw_grid, list) else [raw_grid]
+    sections = [("store", (), data.get("store") or {}, store_m), ("train", (), data.get("train") or {}, train_m)]
+    sections += [("grid", (i,) if isinstance(raw_grid, list) else (), g, grid_m) for i, g in enumerate(products)]
     checked: dict[str, dict[str, Any]] = {}
-    for key, model in sections.items():
-        raw = data.get(key) or {}
+    grid: list[dict[str, list[Any]]] = []
+    for key, at, raw, model in sections:
         if not isinstance(raw, dict):
             continue  # SweepFile reported it
         try:
-            checked[key] = model.model_validate(raw).model_dump(exclude_none=True)
+            values = model.model_validate(raw).model_dump(exclude_none=True)
         except ValidationError as e:
-            problems += [_problem(path, lines, (key, *err["loc"]), err["msg"], err["type"], sorted(model.model_fields))
-                         for err in e.errors()]
+            problems += [_problem(path, lines, (key, *at, *err["loc"]), err["msg"], err["type"],
+                                  sorted(model.model_fields)) for err in e.errors()]
+            continue
+        if key == "grid":
+            grid.append(values)
+            for k, v in values.items():
+                where = f"{path}:{lines.get((key, *at, k), '?')}: grid{''.join(f'[{i}]' for i in at)}.{k}"
+                if not v:
+                    problems.append(f"{where} is empty: give at least one value")
+                if k in (data.get("train") or {}):
+                    problems.append(f"{where} is also set in train: set it in one place")
+        else:
+            checked[key] = values
     finetune = None
     raw_ft = (data.get("teacher") or {}).get("finetune") if isinstance(data.get("teacher"), dict) else None
     if isinstance(raw_ft, dict):
@@ -179,12 +201,6 @@ def load_sweep(path: str | Path) -> Sweep:
         except ValidationError as e:
             problems += [_problem(path, lines, ("teacher", "finetune", *err["loc"]), err["msg"], err["type"],
                                   sorted(train_m.model_fields)) for err in e.errors()]
-    grid = checked.get("grid", {})
-    for k in set(grid) & set(checked.get("train", {})):
-        problems.append(f"{path}:{lines.get(('grid', k), '?')}: grid.{k} is also set in train: set it in one place")
-    for k, values in grid.items():
-        if not values:
-            problems.append(f"{path}:{lines.get(('grid', k), '?')}: grid.{k} is empty: give at least one value")
     sweep = None
     if file is not None:
         sweep = Sweep(file, path.resolve().parent, checked.get("store", {}), checked.get("train", {}), grid, finetune)
@@ -215,11 +231,14 @@ def _missing_paths(sweep: Sweep, path: Path, lines: dict[tuple, int]) -> list[st
         if model not in EMBEDDED and not local.is_dir():
             problems.append(f"{path}:{lines.get(loc, '?')}: {'.'.join(loc)}: {model!r} is neither an embedded model "
                             f"({', '.join(EMBEDDED)}) nor a directory ({local})")
-    if f.evaluate.general:
+    if f.evaluate.general and Path(sweep.path(f.evaluate.general.data_dir)).is_dir():
+        from smoothkd.evaluate.general import task_file
+
         for task in f.evaluate.general.tasks:
-            if not (Path(sweep.path(f.evaluate.general.data_dir)) / f"{task}.jsonl").is_file():
-                problems.append(f"{path}:{lines.get(('evaluate', 'general', 'data_dir'), '?')}: evaluate.general: "
-                                f"no {task}.jsonl in {sweep.path(f.evaluate.general.data_dir)}")
+            try:
+                task_file(task, Path(sweep.path(f.evaluate.general.data_dir)))
+            except SmoothkdError as e:
+                problems.append(f"{path}:{lines.get(('evaluate', 'general', 'data_dir'), '?')}: evaluate.general: {e}")
     return problems
 
 

@@ -8,13 +8,18 @@ from its last checkpoint; an evaluation starts over (it writes its files only at
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from smoothkd.sweep.layout import DONE_FILE, FAILED_FILE, LOG_FILE, read_step, write_json_atomic
+
+CHECKPOINT = "checkpoint"  # smoothkd.distill.checkpoint.CHECKPOINT, without importing torch here
 
 
 def execute_step(step_dir: str | Path) -> dict[str, Any]:
@@ -25,6 +30,8 @@ def execute_step(step_dir: str | Path) -> dict[str, Any]:
     step = read_step(step_dir)
     kind, cfg = step["kind"], step["config"]
     (step_dir / FAILED_FILE).unlink(missing_ok=True)
+    # a gone step run again (its output was not kept): its first digest, to check the rebuild against
+    before = json.loads((step_dir / DONE_FILE).read_text()).get("output_digest") if (step_dir / DONE_FILE).exists() else None
     started = time.perf_counter()
     if kind == p.PRECOMPUTE:
         from smoothkd.precompute.config import PrecomputeConfig
@@ -53,9 +60,40 @@ def execute_step(step_dir: str | Path) -> dict[str, Any]:
         write_report(step_dir.parent, cfg)
     else:
         raise ValueError(f"{step_dir}: unknown step kind {kind!r}")
-    done = {"seconds": time.perf_counter() - started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    done: dict[str, Any] = {"seconds": time.perf_counter() - started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    digest = output_digest(kind, step_dir)
+    if digest:
+        done["output_digest"] = digest
+    if before and digest != before:
+        # the steps that read the first output are not re-run: say that they read another one
+        done["rebuilt_from"] = before
+        print(f"warning: {step_dir.name} was rebuilt and its output differs from the first build's "
+              f"({digest[:12]} vs {before[:12]}); steps that finished earlier read the first one")
     write_json_atomic(step_dir / DONE_FILE, done)
+    if kind == p.DISTILL and step["role"].get("drop_checkpoint"):
+        shutil.rmtree(step_dir / CHECKPOINT, ignore_errors=True)  # after done.json: a kill before it can resume
     return done
+
+
+def output_digest(kind: str, step_dir: Path) -> str | None:
+    """sha256 of a step's heavy output: a store's part digests (its commit.json files), a model's weights."""
+    from smoothkd.sweep import plan as p
+
+    h = hashlib.sha256()
+    if kind == p.PRECOMPUTE:
+        commits = sorted((step_dir / p.STORE_SUBDIR).glob("parts/*/commit.json"))
+        for c in commits:
+            h.update(c.parent.name.encode())
+            h.update(json.dumps(json.loads(c.read_text()).get("files"), sort_keys=True).encode())
+        return h.hexdigest() if commits else None
+    if kind == p.DISTILL:
+        weights = sorted(step_dir.glob("*.safetensors"))
+        for w in weights:
+            with open(w, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        return h.hexdigest() if weights else None
+    return None
 
 
 def main(argv: list[str]) -> int:

@@ -347,7 +347,7 @@ def test_resume_refuses_a_change_to_each_compared_option_and_allows_the_others(t
         with pytest.raises(SmoothkdError, match=re.escape(f"{f.name}: {old!r} -> {new!r}")):
             run(dataclasses.replace(base, resume=True, **{f.name: new}), show_progress=False)
     free = {f.name for f in fields if not f.metadata["resume"]}
-    assert free == {"out", "resume", "save_every", "allow_incomplete_store", "dtype", "device"}
+    assert free == {"out", "resume", "save_every", "allow_incomplete_store", "dtype", "device", "loss_chunk_tokens"}
     again = run(dataclasses.replace(base, resume=True, save_every=2, allow_incomplete_store=True, dtype="float32",
                                     device="cpu"), show_progress=False)
     assert again.steps == 2 and again.last == {}  # resumed a finished run: nothing to do

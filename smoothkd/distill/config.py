@@ -44,6 +44,9 @@ class DistillConfig:
     resume: bool = opt(False, "Continue from the run directory's last checkpoint.", resume=False)
     allow_incomplete_store: bool = opt(False, "Train on a store that still misses parts (see `store info`).",
                                        resume=False)
+    loss_chunk_tokens: int = opt(1024, "Compute the loss this many supervised tokens at a time from the final hidden "
+                                       "states, so that [tokens, vocabulary] float32 never exists whole (0: all at once, "
+                                       "from the model's logits).", resume=False)
     dtype: str = opt("auto", "Student dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.", resume=False)
     device: str = opt("auto", "Student device: auto, cpu, cuda, ...", resume=False)
 
@@ -62,6 +65,7 @@ class DistillConfig:
             count("--warmup-steps", self.warmup_steps, 0),
             count("--max-steps", self.max_steps),
             count("--seed", self.seed, 0),
+            count("--loss-chunk-tokens", self.loss_chunk_tokens, 0),
             *(count(f"--{name.replace('_', '-')}", getattr(self, name))
               for name in ("batch_size", "grad_accum", "epochs", "save_every", "lora_rank")),
         ])

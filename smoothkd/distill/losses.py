@@ -9,6 +9,13 @@ over the CE term, not another pass over the vocabulary.
 Each loss returns one value per position, shape [n]; the caller averages over supervised
 tokens and scales by alpha. Both are multiplied by tau^2 so that their gradients keep the
 same size whatever the temperature (Hinton et al., 2015).
+
+The trainer sums CE and KD with `losses_from_logits` ([n, V] logits in, the whole [n, V]
+float32 log-probs built at once) or, by default, with `losses_from_hidden`, which starts from
+the final hidden states [n, H] and the output layer and builds logits and log-probs only
+[chunk, V] at a time (at a 128k vocabulary and 16k tokens, 8 GB of log-probs become 0.5 GB
+per 1,024-token chunk), computing each chunk's gradients as it goes, like Liger-Kernel's
+fused linear cross-entropy but in plain torch and for any loss registered here.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from smoothkd.batches import TeacherTopK
 
@@ -43,6 +51,10 @@ def _gather(student_logp: torch.Tensor, teacher: TeacherTopK) -> torch.Tensor:
             f"ids {tuple(teacher.ids.shape)}, logprobs {tuple(teacher.logprobs.shape)}, tail {tuple(teacher.tail.shape)}"
         )
     return student_logp.gather(-1, teacher.ids)
+
+
+def _rows(teacher: TeacherTopK, rows: slice) -> TeacherTopK:
+    return TeacherTopK(teacher.ids[rows], teacher.logprobs[rows], teacher.tail[rows])
 
 
 def topk_tail(student_logp: torch.Tensor, teacher: TeacherTopK, temperature: float = 1.0) -> torch.Tensor:
@@ -82,3 +94,102 @@ def topk_renorm(student_logp: torch.Tensor, teacher: TeacherTopK, temperature: f
 
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"topk_tail": topk_tail, "topk_renorm": topk_renorm}
+
+
+KDLoss = Callable[[torch.Tensor, TeacherTopK, float], torch.Tensor]
+
+
+def losses_from_logits(student_logits: torch.Tensor, targets: torch.Tensor, teacher: TeacherTopK,
+                       kd_loss: KDLoss | None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE against the hard targets, KD), each summed over the n rows of student_logits [n, V].
+
+    targets [n] and teacher [n, k] are aligned with the rows; kd_loss None (alpha = 0) gives KD 0
+    and skips it. Builds [n, V] float32 log-probs (twice at tau != 1) for the whole batch.
+    """
+    return _losses_from_logprobs(student_logprobs(student_logits), targets, teacher, kd_loss, temperature)
+
+
+def _losses_from_logprobs(logp: torch.Tensor, targets: torch.Tensor, teacher: TeacherTopK, kd_loss: KDLoss | None,
+                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """losses_from_logits from the student's log-probs at tau = 1, logp [n, V] float32."""
+    ce = F.nll_loss(logp, targets, reduction="sum")
+    if kd_loss is None:
+        return ce, ce.new_zeros(())
+    # log_softmax(logits / tau) = log_softmax(logp / tau): logp is the logits shifted per row
+    kd_logp = logp if temperature == 1.0 else torch.log_softmax(logp / temperature, dim=-1)  # [n, V]
+    return ce, kd_loss(kd_logp, teacher, temperature).sum()
+
+
+def losses_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                       teacher: TeacherTopK, kd_loss: KDLoss | None, alpha: float, temperature: float = 1.0,
+                       chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE + alpha * KD, CE, KD) summed over n positions, from their final hidden states
+    hidden [n, H] and the output layer (weight [V, H], bias [V] or None), `chunk` rows at a time.
+
+    The same values and gradients as `losses_from_logits(F.linear(hidden, weight, bias), ...)`
+    (up to the order of float sums), but no [n, V] tensor ever exists: each chunk's log-probs
+    [chunk, V] float32 are built, differentiated (torch.autograd from the log-probs on, that
+    chunk alone, so every registered loss works; through log_softmax by hand, in place) and
+    dropped in the forward pass, which keeps only the gradients of hidden [n, H], weight [V, H]
+    and bias; the backward pass scales them. At most about three [chunk, V] float32 buffers are
+    alive at once (two more at tau != 1), and no second matmul over the vocabulary is run, as
+    recomputing each chunk under torch.utils.checkpoint would. Only the first value has a
+    gradient (CE and KD are for logs); it cannot be differentiated twice.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1 row, got {chunk}")
+    return _ChunkedLosses.apply(hidden, weight, bias, targets, teacher, kd_loss, alpha, temperature, chunk,
+                                torch.is_grad_enabled())
+
+
+class _ChunkedLosses(torch.autograd.Function):
+    """`losses_from_hidden`'s engine: the gradients are computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, teacher, kd_loss, alpha, temperature, chunk, grad_enabled):
+        need_h, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:3])
+        grad_h = torch.zeros_like(hidden) if need_h else None  # [n, H]
+        # [V, H] and [V] summed over chunks in float32 whatever the weights' dtype (a bfloat16 sum
+        # would round at every chunk); they do not grow with n.
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        ce = kd = torch.zeros((), device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            h = hidden[rows]  # [c, H]
+            # [c, V] float32, the chunk's only buffer over the vocabulary besides its gradient's: the
+            # logits are a temporary, and nothing is saved for a backward pass through log_softmax
+            logp = torch.log_softmax(F.linear(h, weight, bias).float(), dim=-1)
+            logp.requires_grad_(need_h or need_w or need_b)
+            with torch.enable_grad():
+                ce_c, kd_c = _losses_from_logprobs(logp, targets[rows], _rows(teacher, rows), kd_loss, temperature)
+                total = ce_c + alpha * kd_c
+            if logp.requires_grad:
+                (g,) = torch.autograd.grad(total, logp)  # [c, V]
+                # back through logp = z - logsumexp(z) by hand, in place: dz = g - softmax(z) sum(g)
+                g -= logp.detach().exp_().mul_(g.sum(dim=-1, keepdim=True))
+                g = g.to(weight.dtype)  # as the whole path's logits get it
+                if need_h:
+                    grad_h[rows] = g @ weight
+                if need_w:
+                    if grad_w.dtype == g.dtype:
+                        grad_w.addmm_(g.t(), h)
+                    else:
+                        grad_w += g.t() @ h  # a matmul in the weights' dtype, summed in float32
+                if need_b:
+                    grad_b += g.sum(dim=0)
+            ce, kd = ce + ce_c.detach(), kd + kd_c.detach()
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = weight.dtype, bias.dtype if bias is not None else None
+        ctx.mark_non_differentiable(ce, kd)
+        return ce + alpha * kd, ce, kd
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_total, _g_ce, _g_kd):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        grads = (grad_h.mul_(g_total) if grad_h is not None else None,
+                 grad_w.mul_(g_total).to(w_dtype) if grad_w is not None else None,
+                 grad_b.mul_(g_total).to(b_dtype) if grad_b is not None else None)
+        return *grads, None, None, None, None, None, None, None

@@ -27,7 +27,7 @@ from smoothkd import __version__
 from smoothkd.batches import Batch, StoreDataset
 from smoothkd.distill import checkpoint
 from smoothkd.distill.config import DistillConfig, _layer_range
-from smoothkd.distill.losses import LOSSES, student_logprobs
+from smoothkd.distill.losses import LOSSES, losses_from_hidden, losses_from_logits
 from smoothkd.errors import SmoothkdError
 from smoothkd.models import load_causal_lm, load_tokenizer, resolve, resolve_device_dtype, tokenizer_fingerprint
 from smoothkd.run_layout import RUN_FILE
@@ -39,24 +39,54 @@ LOG_FILE = "log.jsonl"
 
 def loss_step(model: Any, batch: Batch, cfg: DistillConfig, n_step_tokens: float,
               keep_positions: bool) -> tuple[torch.Tensor, dict[str, float]]:
-    """L = (CE(hard) + alpha * KD) summed over the batch's supervised tokens / the step's count."""
-    kwargs = {}
-    supervised = batch.supervised  # [b, L]
-    if keep_positions:  # logits only where a response token is predicted
-        keep = supervised.any(dim=0).nonzero().squeeze(-1)  # [K]
-        kwargs["logits_to_keep"] = keep
-        supervised = supervised[:, keep]  # [b, K]
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs).logits
-    logits = logits[supervised]  # [n, V], rows in the order of batch.targets
-    logp = student_logprobs(logits)  # [n, V] float32, one pass shared by CE and (at tau = 1) KD
-    ce = F.nll_loss(logp, batch.targets, reduction="sum")
-    kd = ce.new_zeros(())
-    if cfg.alpha > 0:
-        kd_logp = logp if cfg.temperature == 1.0 else student_logprobs(logits, cfg.temperature)
-        kd = LOSSES[cfg.loss](kd_logp, batch.teacher, cfg.temperature).sum()
-    loss = (ce + cfg.alpha * kd) / n_step_tokens
+    """L = (CE(hard) + alpha * KD) summed over the batch's supervised tokens / the step's count.
+
+    With cfg.loss_chunk_tokens (and a model that takes logits_to_keep) the losses start from the
+    final hidden states and run cfg.loss_chunk_tokens positions at a time: [chunk, V] float32, never
+    [n, V]. Otherwise from the model's logits, [n, V] at once."""
+    kd_loss = LOSSES[cfg.loss] if cfg.alpha > 0 else None
+    if cfg.loss_chunk_tokens and keep_positions:
+        hidden, weight, bias = _supervised_hidden_states(model, batch)  # [n, H], [V, H], [V] or None
+        loss, ce, kd = losses_from_hidden(hidden, weight, bias, batch.targets, batch.teacher, kd_loss, cfg.alpha,
+                                          cfg.temperature, cfg.loss_chunk_tokens)
+    else:
+        kwargs, supervised = {}, batch.supervised  # [b, L]
+        if keep_positions:  # logits only where a response token is predicted
+            keep = supervised.any(dim=0).nonzero().squeeze(-1)  # [K]
+            kwargs["logits_to_keep"] = keep
+            supervised = supervised[:, keep]  # [b, K]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs).logits
+        logits = logits[supervised]  # [n, V], rows in the order of batch.targets
+        ce, kd = losses_from_logits(logits, batch.targets, batch.teacher, kd_loss, cfg.temperature)
+        loss = ce + cfg.alpha * kd
     n = max(batch.n_supervised, 1)
-    return loss, {"ce": ce.item() / n, "kd": kd.item() / n}
+    return loss / n_step_tokens, {"ce": ce.item() / n, "kd": kd.item() / n}
+
+
+def _supervised_hidden_states(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The final hidden states at the supervised positions [n, H] (rows in the order of
+    batch.targets) and the output layer's weight [V, H] and bias, from a forward pass that
+    computes logits at one position only.
+
+    The call goes through `model` itself, so DDP's gradient hooks, FSDP's unsharding (the root
+    unit, which holds the output layer, stays unsharded until backward) and peft's wrapper all
+    run. That one position's logits check that this model's logits are its output layer applied
+    to its last hidden states (not, e.g., soft-capped or scaled as Gemma 2 or Granite do)."""
+    keep = batch.supervised.any(dim=0).nonzero().squeeze(-1)[:1]  # [1], or [0] when nothing is supervised
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                logits_to_keep=keep, output_hidden_states=True)
+    hidden = out.hidden_states[-1]  # [b, L, H], after the final norm (transformers ties it to last_hidden_state)
+    base = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    head = base.get_output_embeddings()
+    plain = isinstance(head, torch.nn.Linear)
+    if plain:
+        with torch.no_grad():
+            plain = torch.allclose(F.linear(hidden[:, keep], head.weight, head.bias), out.logits, rtol=1e-4, atol=1e-6)
+    if not plain:
+        raise SmoothkdError(f"--loss-chunk-tokens: the logits of {type(base).__name__} are not its output layer "
+                            f"({type(head).__name__}) applied to its last hidden states (soft-capped or scaled?); "
+                            "set --loss-chunk-tokens 0")
+    return hidden[batch.supervised], head.weight, head.bias
 
 
 def _freeze(model: Any, groups: list[str]) -> None:

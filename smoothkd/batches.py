@@ -77,6 +77,9 @@ class _PartCache:
         return arrays
 
 
+GROUP_WINDOW = 32  # batches sorted by length together (Hugging Face's LengthGroupedSampler takes 50)
+
+
 class StoreDataset:
     """The selection of a store (split and sources) and its batches."""
 
@@ -115,9 +118,25 @@ class StoreDataset:
         by_part = {p: np.flatnonzero(self.part == p) for p in self.parts}
         return np.concatenate([rng.permutation(by_part[self.parts[i]]) for i in rng.permutation(len(self.parts))])
 
-    def batches(self, epoch: int, seed: int, batch_size: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    def batches(self, epoch: int, seed: int, batch_size: int, rank: int = 0, world: int = 1,
+                group_by_length: bool = False) -> list[np.ndarray]:
         mine = self.epoch_order(epoch, seed)[rank::world]
+        if group_by_length:
+            mine = self._grouped(mine, batch_size, np.random.default_rng([seed, epoch, rank]))
         return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+    def _grouped(self, order: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+        """The order in windows of GROUP_WINDOW batches, each window sorted by length, cut into
+        batches and those shuffled: a batch pads to a length near its own (random batches of Dolly
+        pad to about twice their tokens). Windows are consecutive in the order, so mostly one part."""
+        out = []
+        size = batch_size * GROUP_WINDOW
+        for start in range(0, len(order), size):
+            window = order[start : start + size]
+            window = window[np.argsort(-self.n_tokens[window], kind="stable")]
+            chunks = [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
+            out += [chunks[j] for j in rng.permutation(len(chunks))]
+        return np.concatenate(out) if out else order
 
     def load(self, positions: np.ndarray) -> Batch:
         tokens, prompts, ids, logprobs, tail = [], [], [], [], []

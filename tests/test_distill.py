@@ -79,6 +79,26 @@ def test_batches_align_student_positions_with_the_stored_teacher_rows(tiny_model
     assert (logp.argmax(-1) == batch.teacher.ids[:, 0]).float().mean() > 0.99
 
 
+def test_length_grouped_batches_pad_less_and_hold_every_sequence_once(store):
+    reader = SoftLabelStore(str(store))
+    data = StoreDataset(reader, ["original", "teacher_greedy"], pad_id=-1)
+
+    def padded(batches) -> int:
+        return sum(len(b) * int(data.n_tokens[b].max()) for b in batches)
+
+    plain = data.batches(1, 3, 2)
+    grouped = data.batches(1, 3, 2, group_by_length=True)
+    assert sorted(np.concatenate(grouped).tolist()) == sorted(np.concatenate(plain).tolist())  # the same epoch
+    assert [len(b) for b in grouped] == [len(b) for b in plain]
+    assert padded(grouped) < padded(plain)
+    assert [b.tolist() for b in grouped] == [b.tolist() for b in data.batches(1, 3, 2, group_by_length=True)]
+    ranks = [data.batches(1, 3, 2, rank=r, world=2, group_by_length=True) for r in (0, 1)]
+    assert not set(np.concatenate(ranks[0]).tolist()) & set(np.concatenate(ranks[1]).tolist())
+    for positions in grouped:  # rows of several parts, interleaved: each as the reader returns it
+        batch = data.load(positions)
+        assert batch.targets.tolist() == np.concatenate([reader.sequence(s).targets for s in batch.seqs]).tolist()
+
+
 def test_a_batch_holds_each_sequence_as_the_reader_returns_it(store):
     """Batches come from whole decoded parts; the reader's one-sequence read is the reference."""
     reader = SoftLabelStore(str(store))

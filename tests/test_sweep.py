@@ -76,15 +76,21 @@ train:
   epochz: 2
 grid:
   alpha: [0, 0.1]
+evaluate:
+  summarization:
+    - {{dataset: {XSUM}, max_new_tokenz: 8}}
 """)
     with pytest.raises(InputError) as e:
         load_sweep(path)
     msg = str(e.value)
+    # an evaluation's keys are its command's options
+    assert f"{path}:15: unknown key evaluate.summarization.0.max_new_tokenz" in msg and "max_new_tokens" in msg
     assert f"{path}:5: unknown key dataset.limt; valid keys here: limit, path" in msg
     assert f"{path}:8: store.top_k" in msg
     assert f"{path}:10: unknown key train.epochz" in msg and "epochs" in msg
     # the schema is fine once the typos are fixed; then the missing student directory is named
-    path.write_text(path.read_text().replace("limt", "limit").replace("sixty", "8").replace("epochz", "epochs"))
+    path.write_text(path.read_text().replace("limt", "limit").replace("sixty", "8").replace("epochz", "epochs")
+                    .replace("tokenz", "tokens"))
     with pytest.raises(InputError, match=r"bad.yaml:7: student.model: .*missing"):
         load_sweep(path)
 

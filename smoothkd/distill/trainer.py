@@ -317,7 +317,7 @@ def _setup(cfg: DistillConfig, store: SoftLabelStore, rank: int, world: int, loc
     data = StoreDataset(store, list(cfg.sources), pad_id=pad_id(tokenizer))
     # Rank 0 has the most batches; a rank with one fewer pads its epoch with a zero-weight
     # micro-batch, so that every rank takes the same steps and DDP's all-reduces pair up.
-    rank0_batches = len(data.batches(0, cfg.seed, cfg.batch_size, 0, world))
+    rank0_batches = len(data.batches(0, cfg.seed, cfg.batch_size, 0, world, cfg.group_by_length))
     if len(data) < world:
         raise SmoothkdError(f"{len(data)} sequences cannot be spread over {world} processes")
     total = cfg.max_steps or cfg.epochs * math.ceil(rank0_batches / cfg.grad_accum)
@@ -424,7 +424,7 @@ def _train(r: _Run, state: dict[str, Any], show_progress: bool) -> DistillResult
 def _rest_of_epoch(r: _Run, state: dict[str, Any]) -> list[list[tuple[Any, float]]]:
     """This rank's micro-batches from state's place in its epoch, grouped by optimizer step;
     weight 0 marks the padding of a rank with fewer batches than rank 0."""
-    mine = r.data.batches(state["epoch"], r.cfg.seed, r.cfg.batch_size, r.rank, r.world)
+    mine = r.data.batches(state["epoch"], r.cfg.seed, r.cfg.batch_size, r.rank, r.world, r.cfg.group_by_length)
     padded = [(b, 1.0) for b in mine] + [(mine[-1], 0.0)] * (r.rank0_batches - len(mine))
     rest = padded[state["batches_done"] :]
     return [rest[i : i + r.cfg.grad_accum] for i in range(0, len(rest), r.cfg.grad_accum)]

@@ -84,12 +84,14 @@ def run(
         for name, st in status.items():
             if st == runner.RUNNING and seen.get(name) != runner.RUNNING:
                 started[name] = now
+                if not err.is_terminal:  # a log file: one line per step started (the live table is for terminals)
+                    err.print(f"{time.strftime('%H:%M:%S')} running: {name}", highlight=False)
             if st == runner.DONE and seen.get(name) == runner.RUNNING:
                 s = plan.steps[name]
                 rate = s.cost_tokens / max(now - started[name], 1e-3)
                 rates[s.kind] = rate if s.kind not in rates else (rates[s.kind] + rate) / 2
             if st != seen.get(name) and st in (runner.DONE, runner.FAILED, runner.BLOCKED):
-                err.print(f"{st}: {name}" + (f"  (log: {plan.dir(name) / runner.LOG_FILE})"
+                err.print(f"{time.strftime('%H:%M:%S')} {st}: {name}" + (f"  (log: {plan.dir(name) / runner.LOG_FILE})"
                                               if st == runner.FAILED else ""), highlight=False)
         seen.update(status)
 

@@ -27,7 +27,8 @@ from typing import Any
 from smoothkd.distill.config import DistillConfig
 from smoothkd.errors import InputError, SmoothkdError
 from smoothkd.precompute.config import PrecomputeConfig
-from smoothkd.sweep.schema import Sweep
+from smoothkd.evaluate.config import GeneralConfig, SummarizationConfig
+from smoothkd.sweep.schema import EVAL_PATH_OPTIONS, Sweep
 
 STEPS_DIR = "steps"
 REPORT_DIR = "report"  # <out>/report: the latest report of the sweep, whichever report step wrote it
@@ -92,6 +93,12 @@ def build_plan(sweep: Sweep) -> Plan:
 
         return model if model in EMBEDDED else stated_path(model)
 
+    def stated_paths(opts: dict[str, Any]) -> dict[str, Any]:
+        return {k: stated_path(v) if k in EVAL_PATH_OPTIONS else v for k, v in opts.items()}
+
+    def resolved_paths(opts: dict[str, Any]) -> dict[str, Any]:
+        return {k: sweep.path(v) if k in EVAL_PATH_OPTIONS else v for k, v in opts.items()}
+
     records, tokens_per_record = _dataset_size(sweep)
     dataset = {"dataset": stated_path(f.dataset.path), "limit": f.dataset.limit}
     dataset_resolved = {"dataset": sweep.path(f.dataset.path), "limit": f.dataset.limit}
@@ -146,21 +153,21 @@ def build_plan(sweep: Sweep) -> Plan:
     evals = []
     for who, model, model_stated, needs in models:
         for i, s in enumerate(f.evaluate.summarization):
-            opts = s.model_dump()
-            cfg = {**opts, "dataset": sweep.path(s.dataset), "model": model}
-            evals.append(add(f"summ{i}-{who[:24]}", SUMMARIZATION,
-                             {**opts, "dataset": stated_path(s.dataset), "model": model_stated},
-                             cfg, needs, (s.limit or 100) * (s.max_prompt_tokens + s.max_new_tokens),
+            opts = s.model_dump(exclude_none=True)
+            size = _option(SummarizationConfig, opts, "limit") or 100
+            cost = size * (_option(SummarizationConfig, opts, "max_prompt_tokens")
+                           + _option(SummarizationConfig, opts, "max_new_tokens"))
+            evals.append(add(f"summ{i}-{who[:24]}", SUMMARIZATION, {**stated_paths(opts), "model": model_stated},
+                             {**resolved_paths(opts), "model": model}, needs, cost,
                              {"kind": SUMMARIZATION, "model": who, "dataset": s.dataset, "index": i}))
         if f.evaluate.general:
-            g = f.evaluate.general.model_dump()
-            cfg = {**g, "data_dir": sweep.path(g["data_dir"]), "model": model, "tasks": list(g["tasks"])}
-            evals.append(add(f"general-{who[:24]}", GENERAL,
-                             {**g, "data_dir": stated_path(g["data_dir"]), "model": model_stated}, cfg,
-                             needs, len(g["tasks"]) * (g["limit"] or 500) * 4 * 64, {"kind": GENERAL, "model": who}))
+            g = f.evaluate.general.model_dump(exclude_none=True)
+            cost = len(_option(GeneralConfig, g, "tasks")) * (_option(GeneralConfig, g, "limit") or 500) * 4 * 64
+            evals.append(add(f"general-{who[:24]}", GENERAL, {**stated_paths(g), "model": model_stated},
+                             {**resolved_paths(g), "model": model}, needs, cost, {"kind": GENERAL, "model": who}))
         if f.evaluate.calibration:
             # on the held-out records of the tokens store: calibration reads no teacher labels
-            c = f.evaluate.calibration.model_dump()
+            c = f.evaluate.calibration.model_dump(exclude_none=True)
             ref = student_stated if f.evaluate.forgetting else None
             cfg = {**c, "model": model, "store": step_path(tokens.name, STORE_SUBDIR),
                    "reference": student if f.evaluate.forgetting and model != student else None}
@@ -183,14 +190,17 @@ def output_present(kind: str, step_dir: Path) -> bool:
     return True  # evaluations and reports: small files, kept with the sweep
 
 
-def _default(option: str) -> Any:
-    f = DistillConfig.__dataclass_fields__[option]
+def _option(cls: type, opts: dict[str, Any], name: str) -> Any:
+    """An option as its stage will see it: set, or its config's default."""
+    if name in opts:
+        return opts[name]
+    f = cls.__dataclass_fields__[name]  # type: ignore[attr-defined]
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _plain_sft(options: dict[str, Any]) -> bool:
     """Alpha 0 on the original responses only: reads no teacher labels, so the tokens store serves it."""
-    sources = options.get("sources") or _default("sources")
+    sources = _option(DistillConfig, options, "sources")
     return float(options.get("alpha", DistillConfig.alpha)) == 0.0 and list(sources) == ["original"]
 
 
@@ -233,7 +243,7 @@ def _run_prefix(point: dict[str, Any], varying: set[str]) -> str:
     short = {"batch_size": "bs", "seed": "s", "sources": "src", "loss": "", "temperature": "T", "freeze": "fz"}
     parts = [f"a{point['alpha']:g}"]
     for k in sorted(varying - {"alpha"}):
-        v = point[k] if k in point else _default(k)
+        v = _option(DistillConfig, point, k)
         v = "+".join(x[:4] for x in v) or "none" if isinstance(v, list) else (f"{v:g}" if isinstance(v, float) else v)
         parts.append(f"{short.get(k, k)}{v}")
     return "run-" + "-".join(str(p) for p in parts).replace("/", "_")

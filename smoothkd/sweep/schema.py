@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from smoothkd.distill.config import DistillConfig
 from smoothkd.errors import InputError, SmoothkdError
-from smoothkd.evaluate.config import GENERAL_TASKS, DEFAULT_INSTRUCTION
+from smoothkd.evaluate.config import CalibrationConfig, GeneralConfig, SummarizationConfig
 from smoothkd.precompute.config import PrecomputeConfig
 
 # Options a sweep sets itself, per stage: where things are, and resuming.
@@ -67,39 +67,33 @@ class Student(Strict):
     model: str = Field(description="The student's starting model; also the reference row and forgetting's baseline.")
 
 
-class Summarization(Strict):
-    dataset: str = Field(description="JSONL of articles, relative to the sweep file.")
-    limit: Optional[int] = Field(None, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
-    max_prompt_tokens: int = Field(512, ge=16)
-    batch_size: int = Field(4, ge=1)
-    instruction: str = DEFAULT_INSTRUCTION
-    lookback: bool = True
+def _eval_model(name: str, cls: type, skip: tuple[str, ...], path_field: str | None) -> type[BaseModel]:
+    """An evaluation's options: its command's config fields, all optional (unset: the command's
+    default), but for the where-from field the sweep requires (a path relative to the sweep file)."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if f.name == path_field:
+            fields[f.name] = (str, Field(description=f.metadata.get("help", "") + " Relative to the sweep file."))
+        else:
+            fields[f.name] = (Optional[hints[f.name]], Field(None, description=f.metadata.get("help", "")))
+    return create_model(name, __base__=Strict, **fields)
 
 
-class General(Strict):
-    data_dir: str = Field(description="Folder with the tasks' JSONL files, relative to the sweep file.")
-    tasks: list[str] = Field(default_factory=lambda: list(GENERAL_TASKS))
-    limit: Optional[int] = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-
-    @field_validator("tasks")
-    @classmethod
-    def _known(cls, tasks: list[str]) -> list[str]:
-        bad = [t for t in tasks if t not in GENERAL_TASKS]
-        if bad or not tasks:
-            raise ValueError(f"tasks must be among {', '.join(GENERAL_TASKS)}, got {bad or tasks}")
-        return tasks
-
-
-class Calibration(Strict):
-    batch_size: int = Field(4, ge=1)
+# What the sweep sets itself: the model, where it writes, and the reference (the student's start model)
+Summarization = _eval_model("Summarization", SummarizationConfig, ("model", "out"), "dataset")
+General = _eval_model("General", GeneralConfig, ("model", "out", "reference"), "data_dir")
+Calibration = _eval_model("Calibration", CalibrationConfig, ("model", "out", "reference", "store"), None)
+# options that name a file: resolved against the sweep file's folder like the paths above
+EVAL_PATH_OPTIONS = ("dataset", "data_dir", "fc_model", "lookback_classifier")
 
 
 class Evaluate(Strict):
-    summarization: list[Summarization] = Field(default_factory=list)
-    general: Optional[General] = None
-    calibration: Optional[Calibration] = None
+    summarization: list[Summarization] = Field(default_factory=list)  # type: ignore[valid-type]
+    general: Optional[General] = None  # type: ignore[valid-type]
+    calibration: Optional[Calibration] = None  # type: ignore[valid-type]
     forgetting: bool = Field(True, description="Forgetting against the student's starting model "
                                                "(general tasks and held-out tokens).")
 
@@ -234,7 +228,7 @@ def _missing_paths(sweep: Sweep, path: Path, lines: dict[tuple, int]) -> list[st
     if f.evaluate.general and Path(sweep.path(f.evaluate.general.data_dir)).is_dir():
         from smoothkd.evaluate.general import task_file
 
-        for task in f.evaluate.general.tasks:
+        for task in f.evaluate.general.tasks or GeneralConfig.__dataclass_fields__["tasks"].default_factory():
             try:
                 task_file(task, Path(sweep.path(f.evaluate.general.data_dir)))
             except SmoothkdError as e:

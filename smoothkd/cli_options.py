@@ -73,7 +73,8 @@ def friendly(fn: Callable[..., R]) -> Callable[..., R]:
         try:
             return fn(*args, **kwargs)
         except SmoothkdError as e:
-            Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True,
+                                       soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -1,5 +1,6 @@
 """Batched greedy decoding with transformers, shared by the teacher (greedy augmentation)
-and evaluation (summaries)."""
+and evaluation (summaries); `Generation` is also what the vLLM paths return
+(smoothkd/vllm_engine.py starts their engine)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ class Generation:
     ids: list[int]  # generated tokens, up to and including the stop token when one came
     finished: bool  # a stop token came before max_new_tokens
     labels: TopKLabels | None = None  # the teacher's top-k at each generated token, when the backend kept them
+
+    @property
+    def content(self) -> list[int]:
+        """The generated tokens without the stop token: a summary's, a response's text."""
+        return self.ids[:-1] if self.finished else self.ids
 
 
 def stop_ids(tokenizer: Any, generation_config: Any) -> set[int]:

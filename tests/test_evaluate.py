@@ -180,6 +180,10 @@ def test_summarization_and_compare_report_from_two_runs(runs, tmp_path):
     examples = [json.loads(x) for x in (sft / "evals" / "summarization" / "examples.jsonl").read_text().splitlines()]
     assert [e["id"] for e in examples] == [a.id for a in load_articles(str(XSUM), 2)]
     assert all(0 < e["lookback_ratio"] <= 1 and e["reference"] for e in examples)
+    # the PMI score, by the embedded scorer (the same for every model compared)
+    assert metrics["pmi"]["scorer"] == "smollm2-135m-instruct" and all("pmi_faithful" in e for e in examples)
+    scored = [e["pmi_mean"] for e in examples if e["pmi_mean"] is not None]  # an empty summary has no tokens
+    assert metrics["metrics"]["pmi_mean"] == (pytest.approx(np.mean(scored)) if scored else None)
 
     report = tmp_path / "report"
     r = runner.invoke(app, ["evaluate", "compare", str(sft), str(kd), "--out", str(report)])
@@ -232,9 +236,9 @@ def test_faithfulness_run_from_its_config_writes_what_the_command_writes(tmp_pat
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"article": "Ann met Bob in Paris.", "summary": "Ann met Bob in Rome."}) + "\n")
-    r = runner.invoke(app, ["evaluate", "faithfulness", "--pairs", str(pairs), "--out", str(tmp_path / "cli")])
+    r = runner.invoke(app, ["evaluate", "faithfulness", "--pairs", str(pairs), "--out", str(tmp_path / "cli"), "--no-pmi"])
     assert r.exit_code == 0, r.output + r.stderr
-    result = run.faithfulness(FaithfulnessConfig(pairs=str(pairs), out=str(tmp_path / "lib")))
+    result = run.faithfulness(FaithfulnessConfig(pairs=str(pairs), out=str(tmp_path / "lib"), pmi=False))
     assert result.path == tmp_path / "lib" and result.metrics["unsupported_rate"] == pytest.approx(1 / 3)  # Rome, of Ann, Bob, Rome
     for name in ("metrics.json", "examples.jsonl"):
         assert (tmp_path / "lib" / name).read_text() == (tmp_path / "cli" / name).read_text()
@@ -302,7 +306,7 @@ def test_lookback_classifier_trains_on_labelled_pairs_and_scores_summaries(tiny_
     assert saved["n"] == 6 and saved["n_features"] == 2 * 4 and saved["train_auc"] > 0.5
     r = runner.invoke(app, ["evaluate", "summarization", "--model", str(tiny_model), "--dataset", str(XSUM),
                             "--limit", "2", "--max-new-tokens", "6", "--max-prompt-tokens", "400",
-                            "--lookback-classifier", str(clf), "--out", str(tmp_path / "ev")])
+                            "--lookback-classifier", str(clf), "--no-pmi", "--out", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output + r.stderr
     ex = [json.loads(x) for x in (tmp_path / "ev" / "examples.jsonl").read_text().splitlines()]
     assert all(0 <= e["lookback_factual_prob"] <= 1 for e in ex)
@@ -379,20 +383,12 @@ class ToyModel(PreTrainedModel):
     return path
 
 
-def test_fc_model_code_runs_only_with_trust_remote_code(tmp_path):
+def test_fc_model_never_runs_the_code_its_directory_ships(tmp_path):
+    """smoothkd loads HHEM with its own code (tests/test_hhem.py); a directory's code never runs."""
     marker = tmp_path / "ran"
     path = _classifier_with_its_own_code(tmp_path / "hhem", marker)
-    with pytest.raises(SmoothkdError, match=r"--fc-model .*hhem: loading it runs Python code from that directory.*"
-                                            r"pass --trust-remote-code"):
+    with pytest.raises(SmoothkdError, match=r"--fc-model: .*hhem/config.json: model_type 'toy-hhem'.*not HHEM-2.1-open"):
         load_fc_model(str(path))
     assert not marker.exists()
-    score = load_fc_model(str(path), trust_remote_code=True)
-    assert marker.exists() and score([("an article", "a summary")] * 2) == [0.5, 0.5]
-
-
-def test_evaluate_summarization_has_a_trust_remote_code_flag_off_by_default():
-    from smoothkd.evaluate.config import SummarizationConfig
-
-    assert SummarizationConfig().trust_remote_code is False
     r = runner.invoke(app, ["evaluate", "summarization", "--help"], env={"COLUMNS": "200"})
-    assert "--trust-remote-code" in r.output
+    assert "--trust-remote-code" not in r.output  # nothing from the directory runs: no flag to let it

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from smoothkd.errors import InputError, SmoothkdError
 from smoothkd.evaluate.general import (
-    TASKS, MCItem, choice_logliks, evaluate_general, hellaswag_preprocess, load_task, predictions,
+    TASKS, MCItem, choice_logliks, evaluate_general, hellaswag_preprocess, load_task, predictions, split_hellaswag_ctx,
 )
 
 from conftest import REPO, write_jsonl
@@ -160,6 +160,13 @@ def test_hellaswag_wikihow_items_are_preprocessed_and_not_recapitalised(tmp_path
     assert item.choices == ["Visit now.", "Keep calm.", "a", "b"] and item.gold == 1 and item.id == "3505"
 
 
+def test_split_hellaswag_ctx_finds_the_lower_case_ctx_b():
+    assert split_hellaswag_ctx("A man is sitting on a roof. he") == ("A man is sitting on a roof.", "he")
+    assert split_hellaswag_ctx("A lady walks. She bends down. the lady") == ("A lady walks. She bends down.", "the lady")
+    assert split_hellaswag_ctx("How to x. Do y.") == ("How to x. Do y.", "")  # WikiHow: no ctx_b
+    assert split_hellaswag_ctx("He runs. 3 dogs") == ("He runs. 3 dogs", "")
+
+
 def test_hellaswag_preprocess_as_lm_eval():
     # strip; " [title]" -> ". "; drop [...]; one pass of double space -> single
     assert hellaswag_preprocess(" [header] How to x [title] Buy y. [step] Do z.  ") == " How to x. Buy y. Do z."
@@ -219,10 +226,12 @@ def test_general_command_writes_per_task_metrics_and_their_mean(tiny_model, tmp_
     from smoothkd.run_layout import read_eval
 
     r = CliRunner().invoke(app, ["evaluate", "general", "--model", str(tiny_model), "--tasks", "arc_easy, openbookqa",
-                                 "--data-dir", str(DATA), "--limit", "4", "--out", str(tmp_path / "ev")])
+                                 "--data-dir", str(DATA), "--limit", "4", "--out", str(tmp_path / "ev"),
+                                 "--harness", "builtin"])  # lm-eval's own: tests/test_harness.py
     assert r.exit_code == 0, r.output + r.stderr
     ev = read_eval(tmp_path / "ev")
     assert ev.kind == "general" and ev.model == str(tiny_model) and len(ev.examples) == 8
+    assert ev.extra == {"harness": "builtin"} and ev.notes == []
     per_task = [ev.metrics[t]["acc_norm"] for t in ("arc_easy", "openbookqa")]
     for t in ("arc_easy", "openbookqa"):
         mine = [e for e in ev.examples if e["task"] == t]

@@ -38,7 +38,7 @@ def sweep_file(tmp_path: Path, model: Path, dolly: Path, **changes) -> Path:
         "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3},
         "grid": {"alpha": [0, 0.5], "seed": [0, 1]},
         "evaluate": {"summarization": [{"dataset": str(XSUM), "limit": 2, "max_new_tokens": 8,
-                                         "max_prompt_tokens": 128}],
+                                         "max_prompt_tokens": 128, "pmi_scorer": str(model)}],
                      "general": {"data_dir": str(GENERAL), "limit": 4}, "calibration": {}},
     }
     for k, v in changes.items():
@@ -131,8 +131,9 @@ def test_two_sweeps_with_other_teachers_share_their_sft_runs_which_see_the_kd_ru
                                          grid={"alpha": [0, 1.0], "seed": [0, 1]})))
     shared = set(a.steps) & set(b.steps)
     prefixes = sorted(re.sub(r"-[0-9a-f]{8}", "", n) for n in shared)
-    assert prefixes == sorted(["tokens", "run-a0-s0", "run-a0-s1", "summ0-start", "general-start", "calib-start",
-                               *[f"{kind}-run-a0-s{i}" for kind in ("summ0", "general", "calib") for i in (0, 1)]])
+    sft = ["run-a0-lr0.001", "run-a0-lr0.001-s1"]  # named by their own options, not by the grid's others
+    assert prefixes == sorted(["tokens", *sft, "summ0-start", "general-start", "calib-start",
+                               *[f"{kind}-{run}" for kind in ("summ0", "general", "calib") for run in sft]])
     assert a.dir(next(iter(shared))).parent == b.dir(next(iter(shared))).parent == Path(steps)
     # b's teacher is fine-tuned on the same tokens store
     assert next(s for s in b.steps.values() if s.name.startswith("teacher-")).needs == (
@@ -156,9 +157,8 @@ def test_a_grid_of_several_products_is_their_union(tmp_path, tiny_model, dolly):
     plan = build_plan(load_sweep(sweep_file(tmp_path, tiny_model, dolly, grid=[
         {"alpha": [1.0, 10.0], "seed": [0, 1]}, {"alpha": [0], "freeze": [["mlp"]], "seed": [0, 1]}])))
     runs = {re.sub(r"-[0-9a-f]{8}$", "", s.name): s for s in plan.steps.values() if s.kind == "distill"}
-    assert sorted(runs) == sorted(f"run-a{a}-{fz}-s{i}" for a, fz in (("0", "fznone"), ("1", "fznone"),
-                                                                    ("10", "fznone"), ("0", "fzmlp")) for i in (0, 1))
-    assert runs["run-a0-fzmlp-s0"].config["freeze"] == ["mlp"]
+    assert sorted(runs) == sorted(f"run-a{a}-lr0.001{s}" for a in ("0", "1", "10", "0-fzmlp") for s in ("", "-s1"))
+    assert runs["run-a0-fzmlp-lr0.001"].config["freeze"] == ["mlp"]
     # SFT, frozen or not, reads the tokens store; KD the teacher's
     assert {r.needs[0].split("-")[0] for n, r in runs.items() if n.startswith("run-a0-")} == {"tokens"}
     assert {r.needs[0].split("-")[0] for n, r in runs.items() if not n.startswith("run-a0-")} == {"store"}

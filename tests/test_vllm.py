@@ -19,10 +19,11 @@ from typer.testing import CliRunner
 from conftest import need
 from smoothkd.cli import app
 from smoothkd.errors import SmoothkdError
-from smoothkd.precompute.backends.vllm import GiB, labels_from_flat, tail_from_topk
+from smoothkd.precompute.backends.vllm import labels_from_flat, tail_from_topk
 from smoothkd.precompute.config import PrecomputeConfig
 from smoothkd.precompute.run import run
 from smoothkd.storage_schemas import SoftLabelStore
+from smoothkd.vllm_engine import GiB
 
 K = 16
 MAX_LENGTH = 512
@@ -97,14 +98,16 @@ def vllm_teacher(smollm2, tmp_path_factory):
     from vllm.config import CacheConfig
     from vllm.utils.cpu_resource_utils import get_memory_node_info
 
-    from smoothkd.precompute.backends.vllm import VLLMTeacher, _cpu_memory, cpu_kv_cache_bytes, kv_bytes_per_token
+    from smoothkd.precompute.backends.vllm import VLLMTeacher
+    from smoothkd.vllm_engine import _cpu_memory, cpu_kv_cache_bytes, kv_bytes_per_token
 
-    with node_memory(_below_vllms_share):
+    share = _below_vllms_share(get_memory_node_info(0))  # once: free memory moves between reads on a busy machine
+    with node_memory(lambda info: share):
         node, available = _cpu_memory()
         assert available < CacheConfig().gpu_memory_utilization * get_memory_node_info(node).total_memory
         teacher = VLLMTeacher(smollm2, top_k=K, max_length=MAX_LENGTH)
     per_token = kv_bytes_per_token(AutoConfig.from_pretrained(smollm2), "float32")
-    expected = cpu_kv_cache_bytes(per_token, teacher.default_batch_size, MAX_LENGTH, available)
+    expected = cpu_kv_cache_bytes(per_token, teacher.default_batch_size, MAX_LENGTH + 1, available)
     assert teacher.kv_cache_bytes == expected <= available // 2
     assert teacher.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == expected
     yield teacher
@@ -112,15 +115,16 @@ def vllm_teacher(smollm2, tmp_path_factory):
 
 
 def test_the_kv_cache_is_sized_from_the_job(smollm2):
-    from smoothkd.precompute.backends.vllm import GiB, cpu_kv_cache_bytes, kv_bytes_per_token
+    from smoothkd.vllm_engine import cpu_kv_cache_bytes, kv_bytes_per_token
 
     per_token = kv_bytes_per_token(AutoConfig.from_pretrained(smollm2), "float32")
     assert per_token == 2 * 30 * 3 * 64 * 4  # K and V x 30 layers x 3 KV heads x head dim 64 x float32
     assert kv_bytes_per_token(AutoConfig.from_pretrained(smollm2), "bfloat16") == per_token // 2
-    one = per_token * 768  # 512 + 1 tokens, in whole blocks of 256
-    assert cpu_kv_cache_bytes(per_token, 8, 512, 64 * GiB) == 8 * one  # what the job needs
-    assert cpu_kv_cache_bytes(per_token, 512, 512, 4 * GiB) == 2 * GiB  # at most half of what is available
-    assert cpu_kv_cache_bytes(per_token, 512, 512, one) == one  # never less than one sequence
+    one = per_token * 768  # --max-length 512 + 1 tokens, in whole blocks of 256
+    assert cpu_kv_cache_bytes(per_token, 8, 513, 64 * GiB) == 8 * one  # what the job needs
+    assert cpu_kv_cache_bytes(per_token, 8, 512, 64 * GiB) == 8 * per_token * 512  # exactly two blocks
+    assert cpu_kv_cache_bytes(per_token, 512, 513, 4 * GiB) == 2 * GiB  # at most half of what is available
+    assert cpu_kv_cache_bytes(per_token, 512, 513, one) == one  # never less than one sequence
 
 
 def test_a_kv_cache_that_cannot_fit_is_refused_before_the_engine_starts(dolly, smollm2, tmp_path):
@@ -155,7 +159,7 @@ def test_an_engine_that_fails_to_start_is_one_clear_message(smollm2):
         with pytest.raises(SmoothkdError) as e:
             VLLMTeacher(smollm2, top_k=K, max_length=MAX_LENGTH, kv_cache_gib=too_much)
     message = str(e.value)
-    assert message.startswith("vLLM's engine did not start (")
+    assert message.startswith(f"vLLM's engine did not start for the model at {smollm2} (")
     assert f"its KV cache was {too_much:.2f} GiB (--kv-cache-gib" in message
     assert "set --kv-cache-gib lower (or VLLM_CPU_KVCACHE_SPACE, in GiB)" in message
 

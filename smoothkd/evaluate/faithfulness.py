@@ -213,6 +213,12 @@ def extract_claims_many(summaries: Iterable[str], batch_size: int = 64) -> list[
     return [_claims_of(doc) for doc in load_pipeline().pipe(summaries, batch_size=batch_size)]
 
 
+def entity_spans_many(summaries: Iterable[str], batch_size: int = 64) -> list[list[tuple[int, int]]]:
+    """Character spans of every entity spaCy finds in each summary, all labels (numbers included)."""
+    return [[(e.start_char, e.end_char) for e in doc.ents]
+            for doc in load_pipeline().pipe(summaries, batch_size=batch_size)]
+
+
 def extract_claims(summary: str) -> list[Claim]:
     """The summary's checkable claims: counted named entities and normalised numbers, deduplicated."""
     return _claims_of(load_pipeline()(summary))

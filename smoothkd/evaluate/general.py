@@ -5,6 +5,9 @@ Each choice is a continuation " {choice}" of the task's context (no chat templat
 is the summed log-probability of the continuation's tokens. acc takes the argmax of those
 scores; acc_norm the argmax of score / len(choice) (characters of the choice text, without
 the leading space, as lm-eval's `completion_len`). Ties go to the first choice (np.argmax).
+
+This is the builtin scorer (`--harness builtin`); smoothkd.evaluate.harness has lm-eval itself score
+the same items (`--harness lm-eval`), and both write their examples through `score_task`.
 """
 
 from __future__ import annotations
@@ -94,12 +97,17 @@ def hellaswag_preprocess(text: str) -> str:
 _TRAILING_CTX_B = re.compile(r"(?<=[.!?]) ([a-z][^.!?]*)$")
 
 
+def split_hellaswag_ctx(ctx: str) -> tuple[str, str]:
+    """(ctx_a, ctx_b) of a `ctx` whose split was lost; ctx_b is "" where none is found."""
+    m = _TRAILING_CTX_B.search(ctx)
+    return (ctx, "") if m is None else (ctx[: m.start()], m.group(1))
+
+
 def _hellaswag_ctx(record: dict) -> str:
     if "ctx_a" in record:
         return _get(record, "ctx_a", str) + " " + _get(record, "ctx_b", str).capitalize()
-    ctx = _get(record, "ctx", str)
-    m = _TRAILING_CTX_B.search(ctx)
-    return ctx if m is None else ctx[: m.start()] + " " + m.group(1).capitalize()
+    ctx_a, ctx_b = split_hellaswag_ctx(_get(record, "ctx", str))
+    return ctx_a + " " + ctx_b.capitalize() if ctx_b else ctx_a
 
 
 def _hellaswag(record: dict) -> MCItem:
@@ -243,24 +251,33 @@ def evaluate_general(model: Any, tokenizer: Any, tasks: list[str], data_dir: Pat
             logliks += choice_logliks(model, tokenizer, chunk, batch_size)
             if progress:
                 progress(len(chunk))
-        correct = correct_norm = 0
-        wrong_confidence = []
-        for item, lls in zip(items, logliks):
-            pred, pred_norm = predictions(lls, item.choices)
-            probs = _softmax(lls)
-            correct += pred == item.gold
-            correct_norm += pred_norm == item.gold
-            if pred_norm != item.gold:
-                wrong_confidence.append(max(probs))
-            results["examples"].append({"task": task, "id": item.id, "gold": item.gold, "pred": pred,
-                                        "pred_norm": pred_norm, "logliks": lls, "probs": probs})
-        results["tasks"][task] = {
-            "n": len(items),
-            "acc": correct / len(items),
-            "acc_norm": correct_norm / len(items),
-            "confidence_on_wrong": sum(wrong_confidence) / len(wrong_confidence) if wrong_confidence else None,
-        }
+        results["tasks"][task], examples = score_task(items, logliks)
+        results["examples"] += examples
     return results
+
+
+def score_task(items: list[MCItem], logliks: list[list[float]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One task's metrics (n, acc, acc_norm, confidence_on_wrong) and its examples, one per item, from the
+    choices' log-likelihoods. Both harnesses write their examples through this, so they carry the same fields."""
+    correct = correct_norm = 0
+    wrong_confidence = []
+    examples = []
+    for item, lls in zip(items, logliks, strict=True):
+        pred, pred_norm = predictions(lls, item.choices)
+        probs = _softmax(lls)
+        correct += pred == item.gold
+        correct_norm += pred_norm == item.gold
+        if pred_norm != item.gold:
+            wrong_confidence.append(max(probs))
+        examples.append({"task": item.task, "id": item.id, "gold": item.gold, "pred": pred, "pred_norm": pred_norm,
+                         "logliks": lls, "probs": probs})
+    metrics = {
+        "n": len(items),
+        "acc": correct / len(items),
+        "acc_norm": correct_norm / len(items),
+        "confidence_on_wrong": sum(wrong_confidence) / len(wrong_confidence) if wrong_confidence else None,
+    }
+    return metrics, examples
 
 
 def mean_acc_norm(tasks: dict[str, dict[str, Any]]) -> float:

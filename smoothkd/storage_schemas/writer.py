@@ -117,7 +117,11 @@ class StoreWriter:
     def _open(self, overwrite: bool) -> None:
         existing = read_manifest(self.loc, missing_ok=True)
         # Temporary files (of a writer killed while creating the manifest, or creating it now)
-        # do not make a directory someone else's.
+        # do not make a directory someone else's. The manifest is the first name a writer makes
+        # visible: one seen by listdir after a look that found none is another writer's new
+        # store, so look again before calling the directory foreign.
+        if existing is None and any(not name.endswith(PARTIAL) for name in self.loc.listdir()):
+            existing = read_manifest(self.loc, missing_ok=True)
         if existing is None and any(not name.endswith(PARTIAL) for name in self.loc.listdir()):
             raise StoreError(
                 f"{self.loc.url} exists and is not a smoothkd store; choose an empty or new --out "

@@ -136,12 +136,11 @@ def build_plan(sweep: Sweep) -> Plan:
     tokens = tokens_store(student_stated, student)
 
     runs = []
-    points = grid_points(sweep)
-    for point in points:
+    for point in grid_points(sweep):
         options = {**sweep.train, **point}
         reads = tokens if store is None or _plain_sft(options) else store
         stated = {**options, "model": student_stated, "store": f"step:{reads.name}"}
-        runs.append(add(_run_prefix(point, _varying(points)), DISTILL, stated,
+        runs.append(add(_run_prefix(options), DISTILL, stated,
                         _distill(options, student, step_path(reads.name, STORE_SUBDIR)),
                         (reads.name,), _train_tokens(options, store_tokens), {"role": "run", "grid": point, **_drop(f)}))
 
@@ -232,20 +231,21 @@ def grid_points(sweep: Sweep) -> list[dict[str, Any]]:
     return points
 
 
-def _varying(points: list[dict[str, Any]]) -> set[str]:
-    """The options that take more than one value over the grid (absent counts as a value)."""
-    keys = {k for p in points for k in p}
-    return {k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in points}) > 1}
+# the options a run's directory name shows when they are not their default (the hash keeps it unique)
+_NAMED = {"batch_size": "bs", "freeze": "fz", "lora": "lora", "loss": "", "lr": "lr", "seed": "s", "sources": "src",
+          "temperature": "T"}
 
 
-def _run_prefix(point: dict[str, Any], varying: set[str]) -> str:
-    """A readable name from the grid values that vary (the hash keeps it unique)."""
-    short = {"batch_size": "bs", "seed": "s", "sources": "src", "loss": "", "temperature": "T", "freeze": "fz"}
-    parts = [f"a{point['alpha']:g}"]
-    for k in sorted(varying - {"alpha"}):
-        v = _option(DistillConfig, point, k)
-        v = "+".join(x[:4] for x in v) or "none" if isinstance(v, list) else (f"{v:g}" if isinstance(v, float) else v)
-        parts.append(f"{short.get(k, k)}{v}")
+def _run_prefix(options: dict[str, Any]) -> str:
+    """A readable name from the run's own options, whatever grid or train section set them: two
+    sweeps sharing a steps directory name the same run alike (and so share it)."""
+    parts = [f"a{float(options.get('alpha', DistillConfig.alpha)):g}"]
+    for k in sorted(_NAMED):
+        v = options.get(k)
+        if v is None or v == _option(DistillConfig, {}, k):
+            continue
+        v = "+".join(x[:4] for x in v) if isinstance(v, list) else (f"{v:g}" if isinstance(v, float) else v)
+        parts.append(f"{_NAMED[k]}{v}")
     return "run-" + "-".join(str(p) for p in parts).replace("/", "_")
 
 

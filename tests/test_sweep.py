@@ -130,8 +130,8 @@ def test_two_sweeps_with_other_teachers_share_their_sft_runs_which_see_the_kd_ru
                                          teacher={"model": str(tiny_model), "finetune": {"max_steps": 1}},
                                          grid={"alpha": [0, 1.0], "seed": [0, 1]})))
     shared = set(a.steps) & set(b.steps)
-    prefixes = sorted(re.sub(r"-[0-9a-f]{8}", "", n) for n in shared)
-    sft = ["run-a0-lr0.001", "run-a0-lr0.001-s1"]  # named by their own options, not by the grid's others
+    prefixes = sorted(re.sub(r"-[0-9a-f]{1,8}(?=-[0-9a-f]{8}$|$)|-[0-9a-f]{8}$", "", n) for n in shared)  # hashes, whole or cut
+    sft = ["run-a0-bs2-lr0.001", "run-a0-bs2-lr0.001-s1"]  # named by their own options, not by the grid's others
     assert prefixes == sorted(["tokens", *sft, "summ0-start", "general-start", "calib-start",
                                *[f"{kind}-{run}" for kind in ("summ0", "general", "calib") for run in sft]])
     assert a.dir(next(iter(shared))).parent == b.dir(next(iter(shared))).parent == Path(steps)
@@ -157,8 +157,9 @@ def test_a_grid_of_several_products_is_their_union(tmp_path, tiny_model, dolly):
     plan = build_plan(load_sweep(sweep_file(tmp_path, tiny_model, dolly, grid=[
         {"alpha": [1.0, 10.0], "seed": [0, 1]}, {"alpha": [0], "freeze": [["mlp"]], "seed": [0, 1]}])))
     runs = {re.sub(r"-[0-9a-f]{8}$", "", s.name): s for s in plan.steps.values() if s.kind == "distill"}
-    assert sorted(runs) == sorted(f"run-a{a}-lr0.001{s}" for a in ("0", "1", "10", "0-fzmlp") for s in ("", "-s1"))
-    assert runs["run-a0-fzmlp-lr0.001"].config["freeze"] == ["mlp"]
+    assert sorted(runs) == sorted(f"run-a{a}-bs2{fz}-lr0.001{s}" for a, fz in (("0", ""), ("1", ""), ("10", ""),
+                                  ("0", "-fzmlp")) for s in ("", "-s1"))
+    assert runs["run-a0-bs2-fzmlp-lr0.001"].config["freeze"] == ["mlp"]
     # SFT, frozen or not, reads the tokens store; KD the teacher's
     assert {r.needs[0].split("-")[0] for n, r in runs.items() if n.startswith("run-a0-")} == {"tokens"}
     assert {r.needs[0].split("-")[0] for n, r in runs.items() if not n.startswith("run-a0-")} == {"store"}

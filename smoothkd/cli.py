@@ -195,7 +195,7 @@ def evaluate_faithfulness(cfg: FaithfulnessConfig) -> None:
     """Score given (article, summary) pairs, no generation: one line per pair, in input order."""
     from smoothkd.evaluate import run
 
-    _print_metrics(f"faithfulness, {Path(cfg.pairs).name}", run.faithfulness(cfg))
+    _print_metrics(f"faithfulness, {Path(cfg.pairs).name}", run.faithfulness(cfg, track=_track))
 
 
 @evaluate_app.command("general")

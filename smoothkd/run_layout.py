@@ -1,6 +1,8 @@
 """What a run directory holds, for the stages that write it and the tools that read it.
 
     <run>/smoothkd_run.json              the trainer's record: resolved config, summary, versions
+    <run>/log.jsonl                      the loss and the sequences of every optimizer step
+    <run>/checkpoint/                    the last resumable checkpoint (smoothkd.distill.checkpoint)
     <run>/evals/<kind>/metrics.json      one evaluation: kind, model, metrics, notes, kind-specific fields
     <run>/evals/<kind>/examples.jsonl    its per-example rows, one JSON object a line, in input order
 
@@ -18,6 +20,8 @@ from typing import Any
 from smoothkd.errors import InputError, SmoothkdError
 
 RUN_FILE = "smoothkd_run.json"
+LOSS_LOG = "log.jsonl"  # the trainer's losses and sequences per step
+CHECKPOINT = "checkpoint"  # the resumable checkpoint's directory (smoothkd.distill.checkpoint)
 EVALS_DIR = "evals"
 METRICS_FILE = "metrics.json"
 EXAMPLES_FILE = "examples.jsonl"

@@ -21,12 +21,18 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prom
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def instruction_prompt(tokenizer: Any, instruction: str, document: str | None = None) -> list[int]:
+    """The chat-formatted prompt a summary follows: the instruction, a blank line and the document
+    (or the instruction alone), as one user turn, the assistant's turn opened."""
+    content = instruction if document is None else f"{instruction}\n\n{document}"
+    return chat_ids(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
+
+
 def document_prompt(tokenizer: Any, document: str, instruction: str, max_prompt_tokens: int) -> tuple[list[int], str]:
-    """The chat-formatted prompt (instruction, blank line, document) and the document as it is
-    in it: cut at the token level to fit max_prompt_tokens. Metrics and classifiers compare a
-    summary with the document the model saw."""
+    """`instruction_prompt` with the document cut at the token level to fit max_prompt_tokens, and
+    the document as it is in it: metrics and classifiers compare a summary with what the model saw."""
     def ids(text: str) -> list[int]:
-        return chat_ids(tokenizer, [{"role": "user", "content": f"{instruction}\n\n{text}"}], add_generation_prompt=True)
+        return instruction_prompt(tokenizer, instruction, text)
 
     full = ids(document)
     doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]

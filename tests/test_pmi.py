@@ -12,9 +12,11 @@ from typer.testing import CliRunner
 
 from smoothkd.cli import app
 from smoothkd.evaluate.pmi import (
-    aggregate, cut_article, entity_token_mask, prompt_ids, score_summaries, token_pmi,
+    aggregate, cut_article, entity_token_mask, score_summaries, token_pmi,
 )
+from smoothkd.evaluate.config import DEFAULT_INSTRUCTION
 from smoothkd.models import load_causal_lm, load_tokenizer
+from smoothkd.tokens import instruction_prompt
 
 runner = CliRunner()
 
@@ -47,8 +49,10 @@ def test_batched_equals_one_at_a_time_and_a_plain_forward(tiny_model):
         np.testing.assert_allclose(b.logp_plain, a.logp_plain, atol=1e-4)
         if summary:
             cut = cut_article(tok, article, 64)
-            np.testing.assert_allclose(b.logp_article, _plain_logprobs(model, prompt_ids(tok, cut), b.ids), atol=1e-4)
-            np.testing.assert_allclose(b.logp_plain, _plain_logprobs(model, prompt_ids(tok, None), b.ids), atol=1e-4)
+            with_article = instruction_prompt(tok, DEFAULT_INSTRUCTION, cut)
+            np.testing.assert_allclose(b.logp_article, _plain_logprobs(model, with_article, b.ids), atol=1e-4)
+            plain = instruction_prompt(tok, DEFAULT_INSTRUCTION)
+            np.testing.assert_allclose(b.logp_plain, _plain_logprobs(model, plain, b.ids), atol=1e-4)
             np.testing.assert_allclose(b.pmi, b.logp_article - b.logp_plain)
     assert len(tok(cut_article(tok, long_article, 64), add_special_tokens=False)["input_ids"]) <= 66
     assert cut_article(tok, "A cat sat on the mat.", 64) == "A cat sat on the mat."

@@ -184,7 +184,9 @@ def test_sweep_killed_and_rerun_ends_with_the_uninterrupted_report(tmp_path, tin
     final = runner.run_plan(whole, list(whole.steps.values()), execute=run_in_this_process)
     assert set(final.values()) == {runner.DONE}, final
 
-    path = sweep_file(tmp_path / "b", tiny_model, dolly)
+    # b keeps its stores and weights apart from its steps (artifacts_dir), as a sweep committed to git does
+    artifacts = tmp_path / "heavy"
+    path = sweep_file(tmp_path / "b", tiny_model, dolly, artifacts_dir=str(artifacts))
     plan = build_plan(load_sweep(path))
     runner.prepare(plan)
     with pytest.raises(KeyboardInterrupt):
@@ -219,20 +221,19 @@ def test_sweep_killed_and_rerun_ends_with_the_uninterrupted_report(tmp_path, tin
     assert (p / "report.html").exists() and list(p.glob("forest_*.png"))
 
     # one more alpha: only its run, that run's evaluations and the report are new
-    grown = build_plan(load_sweep(sweep_file(tmp_path / "b", tiny_model, dolly,
+    grown = build_plan(load_sweep(sweep_file(tmp_path / "b", tiny_model, dolly, artifacts_dir=str(artifacts),
                                              grid={"alpha": [0, 0.5, 2.0], "seed": [0, 1]})))
     pending = [s.name for s in runner.states(grown) if s.status != runner.DONE]
     assert len(pending) == 2 + 2 * 3 + 1 and all("a2-" in n or n.startswith("report-") for n in pending)
-    # a finished run keeps its model, not its resume checkpoint
-    assert all(not (plan.dir(s.name) / "checkpoint").exists() and list(plan.dir(s.name).glob("*.safetensors"))
-               for s in plan.steps.values() if s.kind == "distill")
+    # a finished run keeps its model, not its resume checkpoint; its record and losses are copied to its step
+    runs = [s for s in plan.steps.values() if s.kind == "distill"]
+    assert all(not (artifacts / s.name / "checkpoint").exists() and list((artifacts / s.name).glob("*.safetensors"))
+               and (plan.dir(s.name) / "smoothkd_run.json").is_file() and (plan.dir(s.name) / "log.jsonl").is_file()
+               for s in runs)
+    assert not [f for f in plan.steps_root.rglob("*") if f.suffix == ".safetensors" or f.name == "zarr.json"]
 
     # a fresh checkout of the sweep: its small files, no stores, no weights
-    for s in plan.steps.values():
-        if s.kind == "precompute":
-            shutil.rmtree(plan.dir(s.name) / "store")
-        for w in plan.dir(s.name).glob("*.safetensors"):
-            w.unlink()
+    shutil.rmtree(artifacts)
     assert {s.status for s in runner.states(plan) if s.kind in ("precompute", "distill")} == {runner.GONE}
     executed.clear()
     assert set(runner.run_plan(plan, list(plan.steps.values()), execute=record).values()) == {runner.DONE}

@@ -36,11 +36,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from smoothkd.errors import SmoothkdError
+from smoothkd.run_layout import CHECKPOINT
 from smoothkd.storage_schemas.fsio import fsync_path
 
 T = TypeVar("T")
 
-CHECKPOINT = "checkpoint"
 PARAMS, TENSORS, STATE, TRAINER = "params.safetensors", "state.safetensors", "state.json", "trainer_state.json"
 LEGACY = "state.pt"  # smoothkd before checkpoint format 2: one pickle
 FORMAT = 2

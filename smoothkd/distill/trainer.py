@@ -30,11 +30,10 @@ from smoothkd.distill.config import DistillConfig, _layer_range
 from smoothkd.distill.losses import LOSSES, losses_from_hidden, losses_from_logits
 from smoothkd.errors import SmoothkdError
 from smoothkd.models import load_causal_lm, load_tokenizer, resolve, resolve_device_dtype, tokenizer_fingerprint
-from smoothkd.run_layout import RUN_FILE
+from smoothkd.run_layout import LOSS_LOG, RUN_FILE
 from smoothkd.storage_schemas import SoftLabelStore
 from smoothkd.tokens import pad_id
 
-LOG_FILE = "log.jsonl"
 
 
 def loss_step(model: Any, batch: Batch, cfg: DistillConfig, n_step_tokens: float,
@@ -332,7 +331,7 @@ def _setup(cfg: DistillConfig, store: SoftLabelStore, rank: int, world: int, loc
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_steps))
     out = Path(cfg.out)
-    return _Run(cfg=cfg, out=out, log_path=out / (LOG_FILE if rank == 0 else f"log-rank{rank}.jsonl"), rank=rank,
+    return _Run(cfg=cfg, out=out, log_path=out / (LOSS_LOG if rank == 0 else f"log-rank{rank}.jsonl"), rank=rank,
                 world=world, store=store, tokenizer=tokenizer, model=model, device=torch.device(device_name),
                 keep_positions=keep_positions, data=data, rank0_batches=rank0_batches, total=total,
                 trainable=trainable, opt=opt, sched=sched)

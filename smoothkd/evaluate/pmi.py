@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from smoothkd.evaluate.config import DEFAULT_INSTRUCTION, FaithfulnessConfig
-from smoothkd.tokens import chat_ids, pad_batch, pad_id
+from smoothkd.tokens import instruction_prompt, pad_batch, pad_id
 
 DEFAULT_SCORER = FaithfulnessConfig.scorer
 DEFAULT_MAX_ARTICLE_TOKENS = FaithfulnessConfig.max_article_tokens
@@ -81,12 +81,6 @@ def cut_article(tokenizer: Any, article: str, max_tokens: int) -> str:
     """The article's first `max_tokens` tokens, as text."""
     ids = tokenizer(article, add_special_tokens=False)["input_ids"]
     return article if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
-
-
-def prompt_ids(tokenizer: Any, article: str | None, instruction: str = DEFAULT_INSTRUCTION) -> list[int]:
-    """The chat prompt a summary follows: the instruction and the article, or the instruction alone."""
-    content = instruction if article is None else f"{instruction}\n\n{article}"
-    return chat_ids(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def _batch_logprobs(model: Any, prompts: Sequence[Sequence[int]], rows: Sequence[int],
@@ -147,12 +141,12 @@ def token_pmi(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], inst
     encoded = [tokenizer(s, add_special_tokens=False, return_offsets_mapping=True) for _, s in pairs]
     summaries = [list(e["input_ids"]) for e in encoded]
     articles = list(dict.fromkeys(a for a, _ in pairs))
-    with_article = [prompt_ids(tokenizer, cut_article(tokenizer, a, max_article_tokens), instruction)
+    with_article = [instruction_prompt(tokenizer, instruction, cut_article(tokenizer, a, max_article_tokens))
                     for a in articles]
     article_of = {a: k for k, a in enumerate(articles)}
     lp_article = _condition_logprobs(model, with_article, [article_of[a] for a, _ in pairs], summaries, batch_size,
                                      pad, progress)
-    lp_plain = _condition_logprobs(model, [prompt_ids(tokenizer, None, instruction)], [0] * len(pairs), summaries,
+    lp_plain = _condition_logprobs(model, [instruction_prompt(tokenizer, instruction)], [0] * len(pairs), summaries,
                                    batch_size, pad, progress)
     return [TokenScores(s, [tuple(o) for o in e["offset_mapping"]], a, p)
             for s, e, a, p in zip(summaries, encoded, lp_article, lp_plain)]

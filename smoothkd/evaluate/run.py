@@ -72,7 +72,7 @@ def summarization(cfg: SummarizationConfig, track: Track = no_progress) -> EvalR
     found["generation"] = {"backend": cfg.backend, "batch_size": batch_size,
                            "engine_startup_s": engine.startup_s if engine else None, **found["generation"]}
     if cfg.pmi:
-        # one fixed scorer for every model compared, on the article as it validated (its first 512 tokens)
+        # one fixed scorer for every model compared, on the article cut as it was validated
         scores = _pmi_scores(cfg.pmi_scorer, [(a.text, r["summary"]) for a, r in zip(articles, found["examples"])],
                              track)
         found["examples"] = [{**r, **s} for r, s in zip(found["examples"], scores)]
@@ -86,14 +86,15 @@ def summarization(cfg: SummarizationConfig, track: Track = no_progress) -> EvalR
 
 
 def _pmi_scores(scorer: str, pairs: list[tuple[str, str]], track: Track,
-                max_article_tokens: int = 512, batch_size: int = 8) -> list[dict[str, Any]]:
-    from smoothkd.evaluate.pmi import score_summaries
+                max_article_tokens: int | None = None, batch_size: int = 8) -> list[dict[str, Any]]:
+    from smoothkd.evaluate.pmi import DEFAULT_MAX_ARTICLE_TOKENS, score_summaries
     from smoothkd.models import load_causal_lm, load_tokenizer, resolve
 
     location = resolve(scorer)
     tok, lm = load_tokenizer(location), load_causal_lm(location)
     with track(2 * len(pairs), "PMI (with, then without the article)") as advance:
-        return score_summaries(lm, tok, pairs, max_article_tokens=max_article_tokens, batch_size=batch_size,
+        return score_summaries(lm, tok, pairs, max_article_tokens=max_article_tokens or DEFAULT_MAX_ARTICLE_TOKENS,
+                               batch_size=batch_size,
                                progress=advance)
 
 

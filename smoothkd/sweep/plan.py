@@ -28,7 +28,7 @@ from smoothkd.distill.config import DistillConfig
 from smoothkd.errors import InputError, SmoothkdError
 from smoothkd.precompute.config import PrecomputeConfig
 from smoothkd.evaluate.config import GeneralConfig, SummarizationConfig
-from smoothkd.sweep.schema import EVAL_PATH_OPTIONS, Sweep
+from smoothkd.sweep.schema import PATH_OPTIONS, Sweep
 
 STEPS_DIR = "steps"
 REPORT_DIR = "report"  # <out>/report: the latest report of the sweep, whichever report step wrote it
@@ -69,6 +69,8 @@ class Plan:
 def build_plan(sweep: Sweep) -> Plan:
     out = Path(sweep.path(sweep.file.out))
     root = Path(sweep.path(sweep.file.steps_dir)) if sweep.file.steps_dir else out / STEPS_DIR
+    # stores and run directories (weights): beside the steps' small files, or apart from them
+    heavy = Path(sweep.path(sweep.file.artifacts_dir)) if sweep.file.artifacts_dir else root
     steps: dict[str, Step] = {}
     f = sweep.file
 
@@ -77,13 +79,15 @@ def build_plan(sweep: Sweep) -> Plan:
         digest = hashlib.sha256(json.dumps({"kind": kind, "config": stated, "needs": needs}, sort_keys=True,
                                            default=str).encode()).hexdigest()[:HASH_LEN]
         name = f"{prefix}-{digest}"
-        # where the stage writes: a store goes in a folder of its own beside the step's log
-        target = {PRECOMPUTE: step_path(name, STORE_SUBDIR), REPORT: str(out / REPORT_DIR)}.get(kind, step_path(name))
+        # where the stage writes (a step's `output`): a store in a folder of its own, a run's directory
+        # among the artifacts; an evaluation beside its step's log
+        target = {PRECOMPUTE: str(heavy / name / STORE_SUBDIR), DISTILL: str(heavy / name),
+                  REPORT: str(out / REPORT_DIR)}.get(kind, step_path(name))
         steps.setdefault(name, Step(name, kind, {**config, "out": target}, needs, cost, role or {}))
         return steps[name]
 
-    def step_path(name: str, sub: str = "") -> str:
-        return str(root / name / sub) if sub else str(root / name)
+    def step_path(name: str) -> str:
+        return str(root / name)
 
     def stated_path(value: str) -> str:
         return os.path.relpath(sweep.path(value), root)
@@ -94,24 +98,22 @@ def build_plan(sweep: Sweep) -> Plan:
         return model if model in EMBEDDED else stated_path(model)
 
     def stated_paths(opts: dict[str, Any]) -> dict[str, Any]:
-        return {k: stated_path(v) if k in EVAL_PATH_OPTIONS else v for k, v in opts.items()}
+        return {k: stated_path(v) if k in PATH_OPTIONS else v for k, v in opts.items()}
 
     def resolved_paths(opts: dict[str, Any]) -> dict[str, Any]:
-        return {k: sweep.path(v) if k in EVAL_PATH_OPTIONS else v for k, v in opts.items()}
+        return {k: sweep.path(v) if k in PATH_OPTIONS else v for k, v in opts.items()}
 
     records, tokens_per_record = _dataset_size(sweep)
     dataset = {"dataset": stated_path(f.dataset.path), "limit": f.dataset.limit}
     dataset_resolved = {"dataset": sweep.path(f.dataset.path), "limit": f.dataset.limit}
     store_tokens = records * tokens_per_record
 
-    def tokens_store(model_stated: str, model: str, needs: tuple[str, ...] = ()) -> Step:
+    def tokens_store(model_stated: str, model: str) -> Step:
         """The records under `model`'s tokenizer, k = 1 and no greedy responses: what SFT reads."""
         stream = {k: v for k, v in sweep.store.items() if k in TOKEN_STREAM_OPTIONS}
-        if stream.get("chat_template"):
-            stream["chat_template"] = stated_path(stream["chat_template"])
-        stated = {**stream, **dataset, "model": model_stated, "top_k": 1, "augment": []}
-        resolved = {**sweep.store, **dataset_resolved, "model": model, "top_k": 1, "augment": []}
-        return add("tokens", PRECOMPUTE, stated, _precompute(resolved, dataset_resolved, model), needs,
+        stated = {**stated_paths(stream), **dataset, "model": model_stated, "top_k": 1, "augment": []}
+        resolved = {**resolved_paths(stream), "top_k": 1, "augment": []}
+        return add("tokens", PRECOMPUTE, stated, _precompute(resolved, dataset_resolved, model), (),
                    store_tokens, {"ray_shards": f.ray_shards} if f.ray_shards else {})
 
     teacher_model, teacher_stated, teacher_needs = _model(sweep, f.teacher.model), stated_model(f.teacher.model), ()
@@ -120,17 +122,18 @@ def build_plan(sweep: Sweep) -> Plan:
         ft_store = tokens_store(teacher_stated, teacher_model)
         stated = {**sweep.finetune, "alpha": 0.0, "model": teacher_stated, "store": f"step:{ft_store.name}"}
         ft = add("teacher", DISTILL, stated,
-                 _distill({**sweep.finetune, "alpha": 0.0}, teacher_model, step_path(ft_store.name, STORE_SUBDIR)),
+                 _distill({**sweep.finetune, "alpha": 0.0}, teacher_model, output(ft_store)),
                  (ft_store.name,), _train_tokens(sweep.finetune, store_tokens), {"role": "teacher", **_drop(f)})
-        teacher_model, teacher_stated, teacher_needs = step_path(ft.name), f"step:{ft.name}", (ft.name,)
+        teacher_model, teacher_stated, teacher_needs = output(ft), f"step:{ft.name}", (ft.name,)
 
-    stated = {**sweep.store, **dataset, "model": teacher_stated}
+    stated = {**stated_paths(sweep.store), **dataset, "model": teacher_stated}
     # how a store is built (shards as Ray tasks or not) does not change it: a role, not in the hash
     shards = {"ray_shards": f.ray_shards} if f.ray_shards else {}
     student = _model(sweep, f.student.model)
     store = None  # the teacher's store, for the runs that read its labels or its greedy responses
     if any(not _plain_sft({**sweep.train, **p}) for p in grid_points(sweep)):  # a KD run or one on greedy responses
-        store = add("store", PRECOMPUTE, stated, _precompute(stated, dataset_resolved, teacher_model), teacher_needs,
+        store = add("store", PRECOMPUTE, stated, _precompute(resolved_paths(sweep.store), dataset_resolved, teacher_model),
+                    teacher_needs,
                     store_tokens * (2 if sweep.store.get("augment") else 1), shards)
     student_stated = stated_model(f.student.model)
     tokens = tokens_store(student_stated, student)
@@ -141,14 +144,14 @@ def build_plan(sweep: Sweep) -> Plan:
         reads = tokens if store is None or _plain_sft(options) else store
         stated = {**options, "model": student_stated, "store": f"step:{reads.name}"}
         runs.append(add(_run_prefix(options), DISTILL, stated,
-                        _distill(options, student, step_path(reads.name, STORE_SUBDIR)),
+                        _distill(options, student, output(reads)),
                         (reads.name,), _train_tokens(options, store_tokens), {"role": "run", "grid": point, **_drop(f)}))
 
     # Reference rows: the student before training (forgetting's baseline) and the teacher.
     models = [("start", student, student_stated, ())]
     if teacher_model != student:
         models.append(("teacher", teacher_model, teacher_stated, teacher_needs))
-    models += [(r.name, step_path(r.name), f"step:{r.name}", (r.name,)) for r in runs]
+    models += [(r.name, output(r), f"step:{r.name}", (r.name,)) for r in runs]
     evals = []
     for who, model, model_stated, needs in models:
         for i, s in enumerate(f.evaluate.summarization):
@@ -168,7 +171,7 @@ def build_plan(sweep: Sweep) -> Plan:
             # on the held-out records of the tokens store: calibration reads no teacher labels
             c = f.evaluate.calibration.model_dump(exclude_none=True)
             ref = student_stated if f.evaluate.forgetting else None
-            cfg = {**c, "model": model, "store": step_path(tokens.name, STORE_SUBDIR),
+            cfg = {**c, "model": model, "store": output(tokens),
                    "reference": student if f.evaluate.forgetting and model != student else None}
             evals.append(add(f"calib-{who[:24]}", CALIBRATION,
                              {**c, "model": model_stated, "store": f"step:{tokens.name}", "reference": ref},
@@ -180,12 +183,17 @@ def build_plan(sweep: Sweep) -> Plan:
     return Plan(sweep, out, steps, root)
 
 
-def output_present(kind: str, step_dir: Path) -> bool:
-    """Whether a finished step's heavy output (a store, a model's weights) is in its directory."""
-    if kind == PRECOMPUTE:
-        return (step_dir / STORE_SUBDIR / "zarr.json").is_file()
-    if kind == DISTILL:
-        return any(step_dir.glob("*.safetensors"))
+def output(step: Step) -> str:
+    """Where a step's stage writes: a store, a run directory, an evaluation's or the report's folder."""
+    return step.config["out"]
+
+
+def output_present(step: Step) -> bool:
+    """Whether a finished step's heavy output (a store, a model's weights) is where it was written."""
+    if step.kind == PRECOMPUTE:
+        return (Path(output(step)) / "zarr.json").is_file()
+    if step.kind == DISTILL:
+        return any(Path(output(step)).glob("*.safetensors"))
     return True  # evaluations and reports: small files, kept with the sweep
 
 

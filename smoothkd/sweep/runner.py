@@ -45,7 +45,7 @@ def step_state(plan: Plan, step: Step) -> StepState:
     d = plan.dir(step.name)
     status, seconds = PENDING, None
     if (d / DONE_FILE).exists():
-        status = DONE if output_present(step.kind, d) else GONE
+        status = DONE if output_present(step) else GONE
         seconds = json.loads((d / DONE_FILE).read_text()).get("seconds")
     elif (d / FAILED_FILE).exists():
         status = FAILED

@@ -31,24 +31,29 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _fields_model(name: str, cls: type, skip: tuple[str, ...], as_lists: bool) -> type[BaseModel]:
-    """A pydantic model of a stage config's fields (all optional: unset means the stage's default)."""
+def _fields_model(name: str, cls: type, skip: tuple[str, ...], as_lists: bool = False,
+                  required: str | None = None) -> type[BaseModel]:
+    """A pydantic model of a stage config's fields, all optional (unset means the stage's default)
+    but `required`, a path the sweep must be given (relative to the sweep file)."""
     hints = typing.get_type_hints(cls)
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        kind = hints[f.name]
-        fields[f.name] = (Optional[list[kind]] if as_lists else Optional[kind],  # type: ignore[valid-type]
-                          Field(None, description=f.metadata.get("help", "")))
+        kind, help = hints[f.name], f.metadata.get("help", "")
+        if f.name == required:
+            fields[f.name] = (str, Field(description=help + " Relative to the sweep file."))
+        else:
+            fields[f.name] = (Optional[list[kind]] if as_lists else Optional[kind],  # type: ignore[valid-type]
+                              Field(None, description=help))
     return create_model(name, __base__=Strict, **fields)
 
 
 @lru_cache(maxsize=None)
 def _models() -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
-    return (_fields_model("Train", DistillConfig, _DISTILL_OWN + ("alpha",), as_lists=False),
+    return (_fields_model("Train", DistillConfig, _DISTILL_OWN + ("alpha",)),
             _fields_model("Grid", DistillConfig, _DISTILL_OWN, as_lists=True),
-            _fields_model("Store", PrecomputeConfig, _PRECOMPUTE_OWN, as_lists=False))
+            _fields_model("Store", PrecomputeConfig, _PRECOMPUTE_OWN))
 
 
 class Dataset(Strict):
@@ -67,27 +72,12 @@ class Student(Strict):
     model: str = Field(description="The student's starting model; also the reference row and forgetting's baseline.")
 
 
-def _eval_model(name: str, cls: type, skip: tuple[str, ...], path_field: str | None) -> type[BaseModel]:
-    """An evaluation's options: its command's config fields, all optional (unset: the command's
-    default), but for the where-from field the sweep requires (a path relative to the sweep file)."""
-    hints = typing.get_type_hints(cls)
-    fields: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        if f.name == path_field:
-            fields[f.name] = (str, Field(description=f.metadata.get("help", "") + " Relative to the sweep file."))
-        else:
-            fields[f.name] = (Optional[hints[f.name]], Field(None, description=f.metadata.get("help", "")))
-    return create_model(name, __base__=Strict, **fields)
-
-
 # What the sweep sets itself: the model, where it writes, and the reference (the student's start model)
-Summarization = _eval_model("Summarization", SummarizationConfig, ("model", "out"), "dataset")
-General = _eval_model("General", GeneralConfig, ("model", "out", "reference"), "data_dir")
-Calibration = _eval_model("Calibration", CalibrationConfig, ("model", "out", "reference", "store"), None)
-# options that name a file: resolved against the sweep file's folder like the paths above
-EVAL_PATH_OPTIONS = ("dataset", "data_dir", "fc_model", "lookback_classifier")
+Summarization = _fields_model("Summarization", SummarizationConfig, ("model", "out"), required="dataset")
+General = _fields_model("General", GeneralConfig, ("model", "out", "reference"), required="data_dir")
+Calibration = _fields_model("Calibration", CalibrationConfig, ("model", "out", "reference", "store"))
+# options (of an evaluation or the store) that name a file: resolved against the sweep file's folder
+PATH_OPTIONS = ("dataset", "data_dir", "fc_model", "lookback_classifier", "chat_template")
 
 
 class Evaluate(Strict):
@@ -107,6 +97,10 @@ class SweepFile(Strict):
         None, description="Where the steps live (default <out>/steps). Sweeps that share one share the steps they "
                           "have in common: e.g. two experiments on one student and the same records share their "
                           "SFT runs and the start model's evaluations.")
+    artifacts_dir: Optional[str] = Field(
+        None, description="Where the stores and run directories (model weights) go, default beside each step's "
+                          "small files; e.g. outside a repository that commits the steps' configs, logs and "
+                          "per-example outputs. A run's record and loss log are copied to its step.")
     keep_checkpoints: bool = Field(False, description="Keep a finished run's resume checkpoint (its optimizer "
                                                       "state, ~3x the model); by default only the model is kept.")
     dataset: Dataset

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from smoothkd.run_layout import CHECKPOINT, LOSS_LOG, RUN_FILE
 from smoothkd.sweep.layout import DONE_FILE, FAILED_FILE, LOG_FILE, read_step, write_json_atomic
-
-CHECKPOINT = "checkpoint"  # smoothkd.distill.checkpoint.CHECKPOINT, without importing torch here
 
 
 def execute_step(step_dir: str | Path) -> dict[str, Any]:
@@ -31,7 +30,8 @@ def execute_step(step_dir: str | Path) -> dict[str, Any]:
     kind, cfg = step["kind"], step["config"]
     (step_dir / FAILED_FILE).unlink(missing_ok=True)
     # a gone step run again (its output was not kept): its first digest, to check the rebuild against
-    before = json.loads((step_dir / DONE_FILE).read_text()).get("output_digest") if (step_dir / DONE_FILE).exists() else None
+    done_file = step_dir / DONE_FILE
+    before = json.loads(done_file.read_text()).get("output_digest") if done_file.exists() else None
     started = time.perf_counter()
     if kind == p.PRECOMPUTE:
         from smoothkd.precompute.config import PrecomputeConfig
@@ -61,7 +61,8 @@ def execute_step(step_dir: str | Path) -> dict[str, Any]:
     else:
         raise ValueError(f"{step_dir}: unknown step kind {kind!r}")
     done: dict[str, Any] = {"seconds": time.perf_counter() - started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    digest = output_digest(kind, step_dir)
+    out = Path(cfg["out"])
+    digest = output_digest(kind, out)
     if digest:
         done["output_digest"] = digest
     if before and digest != before:
@@ -69,25 +70,28 @@ def execute_step(step_dir: str | Path) -> dict[str, Any]:
         done["rebuilt_from"] = before
         print(f"warning: {step_dir.name} was rebuilt and its output differs from the first build's "
               f"({digest[:12]} vs {before[:12]}); steps that finished earlier read the first one")
+    if kind == p.DISTILL and out != step_dir:  # the run's small files beside the step's, for the report and git
+        for name in (RUN_FILE, LOSS_LOG):
+            shutil.copyfile(out / name, step_dir / name)
     write_json_atomic(step_dir / DONE_FILE, done)
     if kind == p.DISTILL and step["role"].get("drop_checkpoint"):
-        shutil.rmtree(step_dir / CHECKPOINT, ignore_errors=True)  # after done.json: a kill before it can resume
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)  # after done.json: a kill before it can resume
     return done
 
 
-def output_digest(kind: str, step_dir: Path) -> str | None:
+def output_digest(kind: str, out: Path) -> str | None:
     """sha256 of a step's heavy output: a store's part digests (its commit.json files), a model's weights."""
     from smoothkd.sweep import plan as p
 
     h = hashlib.sha256()
     if kind == p.PRECOMPUTE:
-        commits = sorted((step_dir / p.STORE_SUBDIR).glob("parts/*/commit.json"))
+        commits = sorted(out.glob("parts/*/commit.json"))
         for c in commits:
             h.update(c.parent.name.encode())
             h.update(json.dumps(json.loads(c.read_text()).get("files"), sort_keys=True).encode())
         return h.hexdigest() if commits else None
     if kind == p.DISTILL:
-        weights = sorted(step_dir.glob("*.safetensors"))
+        weights = sorted(out.glob("*.safetensors"))
         for w in weights:
             with open(w, "rb") as f:
                 while chunk := f.read(1 << 24):

@@ -10,6 +10,7 @@ once per epoch. Resume state is (epoch, batches done): nothing is replayed.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -18,18 +19,35 @@ import numpy as np
 import torch
 
 from smoothkd.errors import SmoothkdError
-from smoothkd.storage_schemas import SoftLabelStore
+from smoothkd.storage_schemas import SoftLabelStore, spec
 from smoothkd.storage_schemas.reader import PartArrays
 from smoothkd.tokens import pad_batch
 
 
 @dataclass(frozen=True)
 class TeacherTopK:
-    """Teacher soft labels for n supervised positions, as torch tensors on the student's device."""
+    """Teacher soft labels for n supervised positions, as torch tensors on the student's device.
+    Rows with fewer entries than k (adaptive k, or a batch across parts) end in padding: log-prob
+    -inf (probability 0), id spec.PAD_ID."""
 
     ids: torch.Tensor  # [n, k] int64, teacher top-k token ids, most probable first
     logprobs: torch.Tensor  # [n, k] float32, teacher log-probs at temperature 1 (log-softmax over the full vocabulary)
     tail: torch.Tensor  # [n] float32, teacher mass outside the top-k, r = 1 - sum_i exp(logprobs_i) (stored separately, exact)
+
+
+@dataclass(frozen=True)
+class TeacherSampled:
+    """Ids drawn from the teacher's full distribution at n positions, with their counts (0 at padding)."""
+
+    ids: torch.Tensor  # [n, m] int64, the distinct ids drawn at each position, most drawn first
+    counts: torch.Tensor  # [n, m] float32, draws of each; every row sums to the store's samples
+
+
+Teacher = TeacherTopK | TeacherSampled
+
+
+def teacher_to(teacher: Teacher, device: torch.device) -> Teacher:
+    return type(teacher)(**{f.name: getattr(teacher, f.name).to(device) for f in dataclasses.fields(teacher)})
 
 
 @dataclass
@@ -41,23 +59,26 @@ class Batch:
     attention_mask: torch.Tensor  # [b, L]
     supervised: torch.Tensor  # [b, L] bool: position t predicts token t + 1, a response token
     targets: torch.Tensor  # [n] the supervised tokens
-    teacher: TeacherTopK  # [n, k] soft labels, aligned with targets
+    teacher: Teacher  # [n, k] soft labels, aligned with targets
 
     @property
     def n_supervised(self) -> int:
         return int(self.targets.numel())
 
     def to(self, device: torch.device) -> Batch:
-        t = self.teacher
         return Batch(self.seqs, self.input_ids.to(device), self.attention_mask.to(device),
-                     self.supervised.to(device), self.targets.to(device),
-                     TeacherTopK(t.ids.to(device), t.logprobs.to(device), t.tail.to(device)))
+                     self.supervised.to(device), self.targets.to(device), teacher_to(self.teacher, device))
 
 
-def _join(arrays: list[np.ndarray]) -> torch.Tensor:
-    """The arrays end to end, as one tensor; a single array (a batch within one part) is fresh
-    from decoding, so it is not copied again."""
-    return torch.from_numpy(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+def _join(arrays: list[np.ndarray], fill: float = 0) -> torch.Tensor:
+    """The arrays end to end, as one tensor, [n, k] rows padded with `fill` to the widest; a single
+    array (a batch within one part) is fresh from decoding, so it is not copied again."""
+    if len(arrays) == 1:
+        return torch.from_numpy(arrays[0])
+    if arrays[0].ndim == 2:
+        width = max(a.shape[1] for a in arrays)
+        arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill) for a in arrays]
+    return torch.from_numpy(np.concatenate(arrays))
 
 
 class _PartCache:
@@ -139,7 +160,7 @@ class StoreDataset:
         return np.concatenate(out) if out else order
 
     def load(self, positions: np.ndarray) -> Batch:
-        tokens, prompts, ids, logprobs, tail = [], [], [], [], []
+        tokens, prompts, labels = [], [], []
         # Positions come grouped by part (see epoch_order): one decode per part, not per row.
         for part, run in itertools.groupby(positions, key=self.part.__getitem__):
             arrays, rows = self._cache.get(part), []
@@ -149,13 +170,17 @@ class StoreDataset:
                 prompts.append(int(p))
                 rows.append(np.arange(l0, l0 + n - p))
             label_rows = np.concatenate(rows)
-            ids.append(arrays.ids(label_rows))
-            logprobs.append(arrays.logprobs(label_rows))
-            tail.append(arrays.tail(label_rows))
+            labels.append(arrays.labels(label_rows, with_true=False))
         input_ids, mask = pad_batch(tokens, self.pad_id)
         sup = torch.zeros(input_ids.shape, dtype=torch.bool)
         for j, (row, p) in enumerate(zip(tokens, prompts)):
             sup[j, p - 1 : len(row) - 1] = True
-        teacher = TeacherTopK(ids=_join(ids), logprobs=_join(logprobs), tail=_join(tail))
+        if self.store.manifest.label_kind == spec.LABEL_KIND_SAMPLED:
+            teacher: Teacher = TeacherSampled(ids=_join([lab.ids for lab in labels], spec.PAD_ID),
+                                              counts=_join([lab.counts.astype(np.float32) for lab in labels]))
+        else:
+            teacher = TeacherTopK(ids=_join([lab.ids for lab in labels], spec.PAD_ID),
+                                  logprobs=_join([lab.logprobs for lab in labels], -np.inf),
+                                  tail=_join([lab.tail for lab in labels]))
         targets = torch.from_numpy(np.concatenate([row[p:] for row, p in zip(tokens, prompts)]))  # a copy, not the cache
         return Batch([int(self.seq[i]) for i in positions], input_ids, mask, sup, targets, teacher)

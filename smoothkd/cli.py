@@ -319,21 +319,28 @@ def store_show(
     tokenizer: Optional[str] = typer.Option(None, help="Decode ids with this tokenizer (default: the teacher's, if local)."),
     json_: bool = typer.Option(False, "--json", help="Print JSON with every entry."),
 ) -> None:
-    """One sequence: its tokens, and per supervised position the top-k, true-token log-prob and tail."""
-    from smoothkd.storage_schemas import SoftLabelStore
+    """One sequence: its tokens, and per supervised position the teacher's entries (top-k with
+    log-probs, or sampled ids with counts), the true token's log-prob and the tail."""
+    from smoothkd.storage_schemas import SoftLabelStore, spec
 
     store = SoftLabelStore(url)
     s = store.sequence(seq)
     lab = s.labels
+    sampled = isinstance(lab, spec.SampledLabels)
+    n = lab.n_entries
+
+    def entries(j: int) -> dict[str, Any]:
+        if sampled:
+            return {"sample_ids": lab.ids[j, : n[j]].tolist(), "sample_counts": lab.counts[j, : n[j]].tolist()}
+        return {"tail": float(lab.tail[j]), "topk_ids": lab.ids[j, : n[j]].tolist(),
+                "topk_logprobs": [float(x) for x in lab.logprobs[j, : n[j]]]}
+
     if json_:
         print(json.dumps({
             "seq": s.seq, "part": s.part, **{k: v for k, v in s.row.items()},
             "tokens": s.tokens.tolist(),
-            "positions": [
-                {"target": int(t), "true_logprob": float(lab.true_logprob[j]), "tail": float(lab.tail[j]),
-                 "topk_ids": lab.ids[j].tolist(), "topk_logprobs": [float(x) for x in lab.logprobs[j]]}
-                for j, t in enumerate(s.targets)
-            ],
+            "positions": [{"target": int(t), "true_logprob": float(lab.true_logprob[j]), **entries(j)}
+                          for j, t in enumerate(s.targets)],
         }, indent=2))
         return
     decode = _decoder(tokenizer or store.manifest.teacher.get("path"))
@@ -341,12 +348,21 @@ def store_show(
     out.print(f"[bold]seq {s.seq}[/] ({s.part}) record {row['record_id']} source={row['source']} "
               f"split={row['split']} tokens={row['n_tokens']} prompt={row['prompt_tokens']} "
               f"supervised={row['n_labels']}" + (" truncated" if row["truncated"] else ""), highlight=False)
-    out.print(f"[bold]prompt:[/] {row['prompt']}", highlight=False)
-    out.print(f"[bold]response:[/] {row['response']}", highlight=False)
-    t = Table("pos", "target", "log p(target)", "tail", f"top-{min(top, store.manifest.top_k)} (id: log p)")
+    if store.manifest.texts:
+        out.print(f"[bold]prompt:[/] {row['prompt']}", highlight=False)
+        out.print(f"[bold]response:[/] {row['response']}", highlight=False)
+    if sampled:
+        heading = f"most drawn of {store.manifest.selection['samples']} (id: count)"
+        t = Table("pos", "target", "log p(target)", heading)
+    else:
+        t = Table("pos", "target", "log p(target)", "tail", f"top-{min(top, store.manifest.top_k)} (id: log p)")
     for j, target in enumerate(s.targets):
-        tops = "  ".join(f"{decode(int(i))}:{v:.2f}" for i, v in zip(lab.ids[j][:top], lab.logprobs[j][:top]))
-        t.add_row(str(j), decode(int(target)), f"{lab.true_logprob[j]:.3f}", f"{lab.tail[j]:.4f}", tops)
+        shown = min(top, int(n[j]))
+        values = lab.counts[j] if sampled else lab.logprobs[j]
+        tops = "  ".join(f"{decode(int(i))}:{v:.2f}" if not sampled else f"{decode(int(i))}:{v}"
+                         for i, v in zip(lab.ids[j][:shown], values[:shown]))
+        cells = [str(j), decode(int(target)), f"{lab.true_logprob[j]:.3f}"]
+        t.add_row(*cells, *([] if sampled else [f"{lab.tail[j]:.4f}"]), tops)
     out.print(t, highlight=False)
 
 

@@ -185,5 +185,65 @@ def test_mismatched_teacher_rows_are_refused():
         topk_tail(make_student(), teacher)  # one teacher row would otherwise broadcast over all 20
 
 
-def test_registry_has_exactly_the_two_losses():
-    assert LOSSES == {"topk_tail": losses.topk_tail, "topk_renorm": losses.topk_renorm}
+def test_registry_has_exactly_the_three_losses():
+    assert LOSSES == {"topk_tail": losses.topk_tail, "topk_renorm": losses.topk_renorm, "sampled": losses.sampled}
+
+
+@pytest.mark.parametrize("name", ["topk_tail", "topk_renorm"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_padding_entries_change_nothing(name, tau):
+    """Adaptive k: a row that keeps k' < k entries and pads the rest (log-prob -inf) gives the loss,
+    and gradients, of the same row stored with k' entries."""
+    teacher, *_ = make_teacher()
+    keep = torch.randint(1, K + 1, (N,), generator=torch.Generator().manual_seed(3))
+    valid = torch.arange(K) < keep[:, None]
+    cut = teacher.tail + torch.where(valid, 0.0, teacher.logprobs.exp()).sum(-1)
+    padded = TeacherTopK(ids=torch.where(valid, teacher.ids, 0), logprobs=teacher.logprobs.masked_fill(~valid, -torch.inf),
+                         tail=cut)
+    s1 = make_student().requires_grad_()
+    got = FROM_LOGITS[name](s1, padded, tau)
+    got.sum().backward()
+    for i in range(N):  # each row alone, at its own width
+        k = int(keep[i])
+        row = TeacherTopK(ids=teacher.ids[i : i + 1, :k], logprobs=teacher.logprobs[i : i + 1, :k], tail=cut[i : i + 1])
+        s2 = make_student()[i : i + 1].detach().requires_grad_()
+        want = FROM_LOGITS[name](s2, row, tau)
+        want.sum().backward()
+        assert torch.allclose(got[i], want[0], atol=1e-5)
+        assert torch.allclose(s1.grad[i], s2.grad[0], atol=1e-6)
+
+
+def test_sampled_loss_is_unbiased_for_the_full_distribution_cross_entropy():
+    """Many rounds of N = 8 draws from a tiny teacher (V = 6): their mean loss and gradient converge to
+    the full-distribution CE and its gradient, -sum_v q_v log p_v; a top-k of 2 stays biased."""
+    from smoothkd.batches import TeacherSampled
+    from smoothkd.precompute.topk import sampled_labels
+
+    v, n_draws, rounds = 6, 8, 4000
+    g = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(1, v, generator=g, dtype=torch.float64) * 1.5
+    q = torch.softmax(teacher_logits, -1)
+    student = torch.randn(1, v, generator=g)
+    full = -(q * torch.log_softmax(student.double(), -1)).sum()
+    full_grad = torch.softmax(student.double(), -1) - q  # d CE / d logits
+    logits = teacher_logits.float().repeat(rounds, 1)  # one row per round: independent draws
+    lab = sampled_labels(logits, torch.zeros(rounds, dtype=torch.long), n_draws, torch.Generator().manual_seed(1))
+    assert (lab.counts.sum(1) == n_draws).all()
+    teacher = TeacherSampled(ids=torch.from_numpy(lab.ids), counts=torch.from_numpy(lab.counts).float())
+    s = student.repeat(rounds, 1).requires_grad_()
+    per_round = losses.sampled(student_logprobs(s), teacher)
+    per_round.sum().backward()
+    se = per_round.double().std() / rounds**0.5
+    assert abs(per_round.double().mean() - full) < 4 * se  # within 4 standard errors
+    assert torch.allclose(s.grad.double().mean(0), full_grad[0], atol=4 * s.grad.double().std(0).max() / rounds**0.5)
+    # the top-2 with its tail bucket is a different quantity: its error does not shrink with rounds
+    topk = TeacherTopK(ids=q.topk(2).indices, logprobs=q.topk(2).values.log().float(), tail=(1 - q.topk(2).values.sum(-1)).float())
+    assert abs(losses.topk_tail(student_logprobs(student), topk).double() - full) > 10 * se
+
+
+def test_sampled_loss_refuses_another_temperature():
+    from smoothkd.batches import TeacherSampled
+
+    teacher = TeacherSampled(ids=torch.zeros(1, 1, dtype=torch.long), counts=torch.ones(1, 1))
+    with pytest.raises(ValueError, match="temperature 1"):
+        losses.sampled(student_logprobs(make_student(n=1)), teacher, 2.0)

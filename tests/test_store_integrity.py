@@ -19,11 +19,14 @@ from smoothkd.errors import SmoothkdError, StoreError
 from smoothkd.precompute.run import run as precompute
 from smoothkd.storage_schemas import SoftLabelStore, spec, verify_store
 from smoothkd.storage_schemas.reader import PartArrays
+from conftest import DOLLY
 from test_precompute import cfg as precompute_cfg
 from test_store import recommit
 
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "store-v1"  # written by smoothkd at 921a7f8 (make_store_v1.py)
+FIXTURE_V1_CHECKED = Path(__file__).parent / "fixtures" / "store-v1-checked"  # the last format 1, at ef84010
 PART = "part-000001"
+TRUE_TOKEN_ARRAYS = ("true_rank", "true_outside")  # the teacher's log-prob of the true token: never read by distill
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,7 @@ def faults_of(store: Path) -> list:
 # --- chunks of every array: flipped, truncated, deleted ---------------------------------------
 
 @pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
-@pytest.mark.parametrize("array", spec.ARRAY_NAMES)
+@pytest.mark.parametrize("array", [a.name for a in spec.ARRAYS_TOPK])
 def test_verify_names_the_damaged_file_and_nothing_else(store, array, how):
     file = damage(store, array, how)
     faults = faults_of(store)
@@ -100,7 +103,7 @@ def test_verify_names_the_damaged_file_and_nothing_else(store, array, how):
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
-@pytest.mark.parametrize("array", [a for a in spec.ARRAY_NAMES if a != "true_logprob"])
+@pytest.mark.parametrize("array", [a.name for a in spec.ARRAYS_TOPK if a.name not in TRUE_TOKEN_ARRAYS])
 def test_distill_refuses_a_damaged_chunk_naming_part_array_and_file(tiny_model, store, tmp_path, array, how):
     file = damage(store, array, how)
     result = distill(tiny_model, store, tmp_path / "run")
@@ -120,16 +123,17 @@ def test_a_flipped_byte_is_refused_by_every_read_not_decoded(store):
         arrays.tail()
 
 
-def test_the_teacher_true_logprob_is_not_read_by_distill_and_checked_by_verify(tiny_model, store, tmp_path):
-    """The trainer never reads true_logprob: a flipped byte there cannot reach a model (and a
-    truncated or deleted file is refused at open, above), while verify reads and names it."""
-    file = damage(store, "true_logprob", "flip")
+@pytest.mark.parametrize("array", TRUE_TOKEN_ARRAYS)
+def test_the_teacher_true_logprob_is_not_read_by_distill_and_checked_by_verify(tiny_model, store, tmp_path, array):
+    """The trainer never reads the true token's log-prob: a flipped byte there cannot reach a model
+    (and a truncated or deleted file is refused at open, above), while verify reads and names it."""
+    file = damage(store, array, "flip")
     assert file in str(faults_of(store)[0])
     assert distill(tiny_model, store, tmp_path / "run").exit_code == 0
     for how in ("truncate", "delete"):
         again = Path(shutil.copytree(store, tmp_path / how))
-        damage(again, "true_logprob", how)
-        with pytest.raises(StoreError, match=f"{PART}/true_logprob"):
+        damage(again, array, how)
+        with pytest.raises(StoreError, match=f"{PART}/{array}"):
             SoftLabelStore(str(again)).check()
 
 
@@ -196,6 +200,31 @@ def test_a_store_written_before_checksums_reads_and_verifies_with_a_warning(tiny
     # and a run trains on it (the fixture's tokenizer is conftest's tiny model's)
     result = distill(tiny_model, v1, tmp_path / "run")
     assert result.exit_code == 0, said(result)
+
+
+def test_a_format_1_store_reads_as_the_same_labels_as_format_2_of_the_same_run(tiny_model, tmp_path):
+    """tests/fixtures/store-v1-checked: make_store_v1.py's run by the last smoothkd that wrote format 1;
+    the same run now writes format 2, and both read back as the same labels."""
+    old = SoftLabelStore(str(FIXTURE_V1_CHECKED))
+    assert old.manifest.schema_version == 1
+    report = verify_store(old)
+    assert report.ok and not report.warnings
+    dataset = tmp_path / "short.jsonl"
+    rows = DOLLY.read_text().splitlines()
+    dataset.write_text("".join(rows[i] + "\n" for i in (9, 13, 10)))
+    new = tmp_path / "v2"
+    precompute(precompute_cfg(tiny_model, dataset, new, top_k=4, part_size=2, max_length=128, overlong="truncate",
+                              heldout_fraction=0.34, batch_size=None), show_progress=False)
+    new_store = SoftLabelStore(str(new))
+    assert new_store.manifest.schema_version == 2 and verify_store(new_store).ok
+    assert old.n_sequences == new_store.n_sequences == 3
+    for i in range(3):
+        a, b = old.sequence(i), new_store.sequence(i)
+        assert np.array_equal(a.tokens, b.tokens) and a.row["n_labels"] == b.row["n_labels"]
+        assert np.array_equal(a.labels.ids, b.labels.ids)
+        assert np.array_equal(a.labels.logprobs, b.labels.logprobs)
+        assert np.array_equal(a.labels.true_logprob, b.labels.true_logprob)
+        assert np.allclose(a.labels.tail, b.labels.tail, rtol=new_store.manifest.tail.max_relative_error, atol=0)
 
 
 def test_a_deleted_chunk_of_an_old_store_is_found_from_its_metadata(v1):

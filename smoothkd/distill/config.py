@@ -21,7 +21,8 @@ class DistillConfig:
     out: str = opt("", "Run directory: the checkpoint, its config, the training log.", required=True, resume=False)
     model: str = opt(DEFAULT_MODEL, "Student: an embedded model name, a local checkpoint directory, or a hub id.")
     alpha: float = opt(0.1, "Weight of the KD term: L = CE(hard) + alpha * KD. 0 is the SFT baseline, on the same batches.")
-    loss: str = opt("topk_tail", "KD loss: topk_tail (teacher top-k plus its tail bucket) or topk_renorm.")
+    loss: str = opt("topk_tail", "KD loss: topk_tail (teacher top-k plus its tail bucket) or topk_renorm; sampled "
+                                 "for a store of sampled labels (precompute --labels sampled).")
     temperature: float = opt(1.0, "Softmax temperature of the KD term (teacher re-tempered within its top-k; KD x tau^2).")
     lr: float = opt(1e-5, "Peak learning rate (AdamW; linear warm-up, then linear decay to 0).")
     warmup_steps: int = opt(0, "Optimizer steps of linear warm-up.")

@@ -1,8 +1,9 @@
-"""Sparse knowledge-distillation losses from a teacher's stored top-k.
+"""Sparse knowledge-distillation losses from a teacher's stored top-k, or its sampled ids.
 
-The store keeps, per supervised position, the teacher's k most probable token ids, their
-log-probs at temperature 1, and the exact mass r outside them (the tail). Both losses here
-take the student's full log-probs (`student_logprobs`, which the CE term needs anyway at
+A top-k store keeps, per supervised position, the teacher's k most probable token ids (k may
+vary by position: adaptive k), their log-probs at temperature 1, and the exact mass r outside
+them (the tail); a sampled store keeps ids drawn from the teacher with their counts (`sampled`,
+an unbiased estimate of the full-distribution loss). The losses here take the student's full log-probs (`student_logprobs`, which the CE term needs anyway at
 tau = 1) and touch only the k columns of the teacher's ids: the KD term costs a gather
 over the CE term, not another pass over the vocabulary.
 
@@ -20,12 +21,13 @@ fused linear cross-entropy but in plain torch and for any loss registered here.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from smoothkd.batches import TeacherTopK
+from smoothkd.batches import Teacher, TeacherSampled, TeacherTopK
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -40,21 +42,20 @@ def student_logprobs(student_logits: torch.Tensor, temperature: float = 1.0) -> 
     return torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)
 
 
-def _gather(student_logp: torch.Tensor, teacher: TeacherTopK) -> torch.Tensor:
-    """The student's log-probs at the teacher's top-k ids: [n, k]."""
+def _gather(student_logp: torch.Tensor, teacher: Teacher) -> torch.Tensor:
+    """The student's log-probs at the teacher's ids: [n, k]."""
     n, k = teacher.ids.shape
-    if student_logp.dim() != 2 or student_logp.shape[0] != n or teacher.logprobs.shape != (n, k) \
-            or teacher.tail.shape != (n,):
+    shapes = {f.name: tuple(getattr(teacher, f.name).shape) for f in dataclasses.fields(teacher)}
+    want = {f.name: (n,) if f.name == "tail" else (n, k) for f in dataclasses.fields(teacher)}
+    if student_logp.dim() != 2 or student_logp.shape[0] != n or shapes != want:
         # gather would silently broadcast some mismatches (e.g. one teacher row for all positions)
-        raise ValueError(
-            f"student log-probs {tuple(student_logp.shape)} must be [n, V] with the teacher's n: "
-            f"ids {tuple(teacher.ids.shape)}, logprobs {tuple(teacher.logprobs.shape)}, tail {tuple(teacher.tail.shape)}"
-        )
+        raise ValueError(f"student log-probs {tuple(student_logp.shape)} must be [n, V] with the teacher's n: "
+                         + ", ".join(f"{name} {shape}" for name, shape in shapes.items()))
     return student_logp.gather(-1, teacher.ids)
 
 
-def _rows(teacher: TeacherTopK, rows: slice) -> TeacherTopK:
-    return TeacherTopK(teacher.ids[rows], teacher.logprobs[rows], teacher.tail[rows])
+def _rows(teacher: Teacher, rows: slice) -> Teacher:
+    return type(teacher)(**{f.name: getattr(teacher, f.name)[rows] for f in dataclasses.fields(teacher)})
 
 
 def topk_tail(student_logp: torch.Tensor, teacher: TeacherTopK, temperature: float = 1.0) -> torch.Tensor:
@@ -66,7 +67,8 @@ def topk_tail(student_logp: torch.Tensor, teacher: TeacherTopK, temperature: flo
     loss = tau^2 (-sum_S q_i log p_i - r log(1 - sum_S p_i)).
 
     Unlike renormalising over S, this is minimised exactly when the student matches the
-    teacher on S and on the total mass it leaves outside S.
+    teacher on S and on the total mass it leaves outside S. Padding entries (adaptive k: log-prob
+    -inf) have q = 0 and are left out of S.
     """
     logp = _gather(student_logp, teacher)  # [n, k]
     r = teacher.tail.float()  # [n]
@@ -76,7 +78,7 @@ def topk_tail(student_logp: torch.Tensor, teacher: TeacherTopK, temperature: flo
     # keeps it finite when the student leaves (numerically) nothing outside S: the term is then
     # r * log(tiny), 0 when r == 0 rather than 0 * -inf = NaN, and clamp_min passes no gradient
     # there, so the backward pass stays finite as well (masking the value afterwards would not).
-    lse_in = torch.logsumexp(logp, dim=-1)  # [n], log sum_S p, <= 0 up to rounding
+    lse_in = torch.logsumexp(logp.masked_fill(torch.isinf(teacher.logprobs), -torch.inf), dim=-1)  # [n], log sum_S p
     log_tail = torch.log(torch.clamp_min(-torch.expm1(lse_in), _TINY))  # [n]
     return temperature**2 * (-(q * logp).sum(dim=-1) - r * log_tail)
 
@@ -93,13 +95,36 @@ def topk_renorm(student_logp: torch.Tensor, teacher: TeacherTopK, temperature: f
     return temperature**2 * -(q * logp).sum(dim=-1)
 
 
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {"topk_tail": topk_tail, "topk_renorm": topk_renorm}
+def sampled(student_logp: torch.Tensor, teacher: TeacherSampled, temperature: float = 1.0) -> torch.Tensor:
+    """Random-sampling KD (Anshumann et al. 2025): cross-entropy against the draws. [n]
+
+    The store holds, per position, N ids drawn independently from the teacher's full distribution q
+    (at temperature 1), as distinct ids v with counts c_v. loss = -(1/N) sum_v c_v log p_v.
+
+    Unbiased: each draw is v with probability q_v, so E[c_v] = N q_v and, the draws not depending on
+    the student, E[loss] = -sum_v q_v log p_v = CE(q, p), the full-distribution KD loss over the whole
+    vocabulary; its gradient in the logits, (p - c / N), has expectation p - q, the full loss's. A top-k
+    cache has no such estimator: it knows nothing of q outside its k ids and biases the student
+    towards them. Only at tau = 1: the draws say nothing of q^(1/tau) elsewhere (the trainer refuses it).
+    """
+    if temperature != 1.0:
+        raise ValueError("sampled labels estimate the teacher at temperature 1 only")
+    logp = _gather(student_logp, teacher)  # [n, m]
+    counts = teacher.counts.float()
+    # padding (count 0) contributes nothing, even where the student's log-prob would be -inf
+    picked = torch.where(counts > 0, counts * logp, torch.zeros_like(logp))
+    return -picked.sum(dim=-1) / counts.sum(dim=-1)
 
 
-KDLoss = Callable[[torch.Tensor, TeacherTopK, float], torch.Tensor]
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {"topk_tail": topk_tail, "topk_renorm": topk_renorm,
+                                                  "sampled": sampled}
+LOSS_LABELS = {"topk_tail": "topk", "topk_renorm": "topk", "sampled": "sampled"}  # the store label kind each reads
 
 
-def losses_from_logits(student_logits: torch.Tensor, targets: torch.Tensor, teacher: TeacherTopK,
+KDLoss = Callable[[torch.Tensor, Teacher, float], torch.Tensor]
+
+
+def losses_from_logits(student_logits: torch.Tensor, targets: torch.Tensor, teacher: Teacher,
                        kd_loss: KDLoss | None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE against the hard targets, KD), each summed over the n rows of student_logits [n, V].
 
@@ -109,7 +134,7 @@ def losses_from_logits(student_logits: torch.Tensor, targets: torch.Tensor, teac
     return _losses_from_logprobs(student_logprobs(student_logits), targets, teacher, kd_loss, temperature)
 
 
-def _losses_from_logprobs(logp: torch.Tensor, targets: torch.Tensor, teacher: TeacherTopK, kd_loss: KDLoss | None,
+def _losses_from_logprobs(logp: torch.Tensor, targets: torch.Tensor, teacher: Teacher, kd_loss: KDLoss | None,
                           temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """losses_from_logits from the student's log-probs at tau = 1, logp [n, V] float32."""
     ce = F.nll_loss(logp, targets, reduction="sum")
@@ -121,7 +146,7 @@ def _losses_from_logprobs(logp: torch.Tensor, targets: torch.Tensor, teacher: Te
 
 
 def losses_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                       teacher: TeacherTopK, kd_loss: KDLoss | None, alpha: float, temperature: float = 1.0,
+                       teacher: Teacher, kd_loss: KDLoss | None, alpha: float, temperature: float = 1.0,
                        chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(CE + alpha * KD, CE, KD) summed over n positions, from their final hidden states
     hidden [n, H] and the output layer (weight [V, H], bias [V] or None), `chunk` rows at a time.

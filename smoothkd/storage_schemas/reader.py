@@ -48,8 +48,9 @@ def read_manifest(loc: StoreLocation, missing_ok: bool = False) -> spec.Manifest
             f"{loc.url}: schema version {version} is not one this smoothkd reads "
             f"({', '.join(map(str, spec.KNOWN_SCHEMA_VERSIONS))}); upgrade smoothkd"
         )
-    if data.get("label_kind") != spec.LABEL_KIND_TOPK:
-        raise StoreError(f"{loc.url}: label kind {data.get('label_kind')!r} is not supported by this smoothkd")
+    kind = data.get("label_kind")
+    if kind not in spec.LABEL_KINDS or (version == 1 and kind != spec.LABEL_KIND_TOPK):
+        raise StoreError(f"{loc.url}: label kind {kind!r} is not supported by this smoothkd (format {version})")
     return spec.Manifest.from_json(data, where=f"{loc.url}/zarr.json")
 
 
@@ -85,7 +86,7 @@ class PartInfo:
     problem: str = ""  # why a commit.json that exists is no commit (cannot be parsed, lacks a count)
 
 
-def _commit_problem(commit: Any) -> str:
+def _commit_problem(commit: Any, names: tuple[str, ...]) -> str:
     """What makes a parsed commit.json unusable ("" when nothing does)."""
     if not isinstance(commit, dict):
         return "is not a JSON object"
@@ -93,12 +94,12 @@ def _commit_problem(commit: Any) -> str:
     if bad:
         return f"lacks {', '.join(bad)} (or holds the wrong type)"
     shapes = commit["arrays"]
-    bad = [n for n in spec.ARRAY_NAMES
+    bad = [n for n in names
            if not isinstance(shapes.get(n), list) or not all(isinstance(d, int) and d >= 0 for d in shapes[n])]
     return f"has no valid shape for {', '.join(bad)}" if bad else ""
 
 
-def list_parts(loc: StoreLocation) -> list[PartInfo]:
+def list_parts(loc: StoreLocation, manifest: spec.Manifest) -> list[PartInfo]:
     """Every part directory, committed or not, in index order."""
     out = []
     for name in loc.listdir(spec.PARTS_DIR):
@@ -108,7 +109,7 @@ def list_parts(loc: StoreLocation) -> list[PartInfo]:
         if loc.exists(spec.PARTS_DIR, name, spec.COMMIT_FILE):
             try:
                 commit = loc.read_json(spec.PARTS_DIR, name, spec.COMMIT_FILE)
-                problem = _commit_problem(commit)
+                problem = _commit_problem(commit, manifest.array_names)
             except (ValueError, OSError) as e:  # bad JSON or UTF-8: torn (by an older smoothkd) or damaged
                 problem = f"cannot be parsed ({e})"
             if problem:
@@ -117,21 +118,79 @@ def list_parts(loc: StoreLocation) -> list[PartInfo]:
     return out
 
 
+class ArrayFault(StoreError):
+    """Arrays of a part that do not fit together (found while decoding them)."""
+
+    def __init__(self, array: str, message: str, text: str):
+        super().__init__(text)
+        self.array, self.message = array, message
+
+
 class PartArrays:
     """Rows of one part's arrays (all of them by default), each read on first use and kept as
     stored: ids as codes, log-probs in fixed point, a third of their decoded size. The methods
     decode the label rows a caller asks for (a slice or row indices): a run usually selects a
     subset of a part (one split, one source), and a trainer never needs `true_logprob`, so it
-    is never read for one."""
+    is never read for one.
+
+    Version 2 entries (stored end to end, rank-major) are kept as a padded [n_labels, k] grid
+    of stored values, the layout of version 1; decoded rows are as wide as their widest position.
+    """
 
     def __init__(self, store: SoftLabelStore, part: str, tokens: slice = slice(None), labels: slice = slice(None)):
         self._store, self._part, self._token_rows, self._label_rows = store, part, tokens, labels
         self._stored: dict[str, np.ndarray] = {}
+        m = store.manifest
+        self._v1, self._sampled = m.schema_version == 1, m.label_kind == spec.LABEL_KIND_SAMPLED
 
     def _array(self, name: str) -> np.ndarray:
         if name not in self._stored:
-            self._stored[name] = self._store.read(self._part, name, self._label_rows)
+            rows = self._label_rows if self._store.array_spec(name).axis == "labels" else slice(None)
+            self._stored[name] = self._store.read(self._part, name, rows)
         return self._stored[name]
+
+    def _fault(self, array: str, message: str) -> ArrayFault:
+        return ArrayFault(array, message, f"{self._store.url}: {self._part}/{array}: {message}: the part is damaged; "
+                                          f"`smoothkd store verify {self._store.url}` lists every fault")
+
+    @cached_property
+    def n_entries(self) -> np.ndarray:
+        """[n_labels] entries at each position (top_k everywhere in a version 1 store)."""
+        if self._v1:
+            return np.full(len(self._array("tail")), self._store.manifest.top_k, dtype=np.int64)
+        n = self._array("n_entries").astype(np.int64)
+        if n.size and (n.min() < 1 or n.max() > self._store.manifest.top_k):
+            raise self._fault("n_entries", f"values outside 1..{self._store.manifest.top_k}")
+        return n
+
+    def _grid(self, name: str) -> np.ndarray:
+        """A per-entry array as a padded [n_labels, k] grid of stored values (0 at padding)."""
+        key = f"{name}:grid"
+        if key not in self._stored:
+            if self._v1:
+                self._stored[key] = self._array(name)
+            else:
+                if self._label_rows != slice(None):
+                    raise ValueError("version 2 entries are read for whole parts (read_part)")
+                flat, n = self._array(name), self.n_entries
+                if int(n.sum()) != len(flat):
+                    raise self._fault(name, f"{len(flat)} entries where n_entries sums to {int(n.sum())}")
+                valid = np.arange(int(n.max()) if n.size else 0) < n[:, None]
+                grid = np.zeros(valid.shape, dtype=flat.dtype)
+                if self._store.array_spec(name).rank_major:
+                    grid.T[valid.T] = flat  # the transposed grid's entries, in order
+                else:
+                    grid[valid] = flat
+                self._stored[key] = grid
+        return self._stored[key]
+
+    def _width(self, rows: slice | np.ndarray) -> int:
+        """Columns that decoded `rows` need: their widest position's entries."""
+        n = self.n_entries[rows]
+        return int(n.max()) if n.size else 0
+
+    def _valid(self, rows: slice | np.ndarray, width: int) -> np.ndarray:
+        return np.arange(width) < self.n_entries[rows][:, None]
 
     @cached_property
     def tokens(self) -> np.ndarray:
@@ -139,25 +198,74 @@ class PartArrays:
         return self._store.read(self._part, "tokens", self._token_rows).astype(np.int64)
 
     def ids(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
-        """[n, k] int64, most probable first."""
-        return self._store.id_table(self._part)[self._array("topk_codes")[rows]]
+        """[n, k] int64, most probable (or most drawn) first; PAD_ID at padding."""
+        name = "topk_codes" if self._v1 else "entry_codes"
+        w = self._width(rows)
+        codes = self._grid(name)[rows, :w]
+        table = self._store.id_table(self._part)
+        if codes.size and codes.max() >= len(table):
+            raise self._fault(name, f"codes up to {codes.max()} for an id_table of {len(table)} entries")
+        return np.where(self._valid(rows, w), table[codes], spec.PAD_ID)
+
+    def _fixed_logprobs(self, rows: slice | np.ndarray) -> np.ndarray:
+        """[n, k] the stored fixed-point log-probs of the entries (0 at padding)."""
+        w = self._width(rows)
+        if self._v1:
+            return self._grid("topk_logprobs")[rows, :w]
+        steps = self._grid("entry_logprobs")[rows, :w]
+        return np.cumsum(steps, axis=1, dtype=np.int64)  # steps down from the entry before
 
     def logprobs(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
-        """[n, k] float32."""
-        return self._store.manifest.encoding.decode(self._array("topk_logprobs")[rows])
+        """[n, k] float32; -inf at padding."""
+        fixed = self._fixed_logprobs(rows)
+        if fixed.size and fixed.max() > np.iinfo(self._store.manifest.encoding.dtype).max:
+            raise self._fault("entry_logprobs", "log-prob steps add up beyond the encoding's range")
+        decoded = self._store.manifest.encoding.decode(fixed)
+        return np.where(self._valid(rows, fixed.shape[1]), decoded, np.float32(-np.inf))
+
+    def counts(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
+        """[n, m] int32 draws of each entry's id (sampled labels); 0 at padding."""
+        return self._grid("entry_counts")[rows, : self._width(rows)].astype(np.int32)
+
+    @cached_property
+    def _true_logprob(self) -> np.ndarray:
+        """[n_labels] float32, for a version 2 top-k part: from the entry of the true token's rank, or
+        from true_outside where it is not among the entries."""
+        rank = self._array("true_rank").astype(np.int64)
+        outside = rank == self._store.manifest.top_k
+        values = self._array("true_outside")
+        if int(outside.sum()) != len(values):
+            raise self._fault("true_outside", f"{len(values)} values for {int(outside.sum())} positions "
+                                              "whose true token is not among the entries")
+        inside = np.flatnonzero(~outside)
+        if inside.size and (rank[inside] >= self.n_entries[inside]).any():
+            raise self._fault("true_rank", "ranks beyond the position's entries")
+        fixed = np.zeros(len(rank), dtype=np.int64)
+        fixed[outside] = values
+        fixed[inside] = self._fixed_logprobs(inside)[np.arange(inside.size), rank[inside]]
+        return self._store.manifest.encoding.decode(fixed)
 
     def true_logprob(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """[n] float32."""
-        return self._store.manifest.encoding.decode(self._array("true_logprob")[rows])
+        if self._v1 or self._sampled:
+            return self._store.manifest.encoding.decode(self._array("true_logprob")[rows])
+        return self._true_logprob[rows]
 
     def tail(self, rows: slice | np.ndarray = slice(None)) -> np.ndarray:
         """[n] float32."""
-        return np.asarray(self._array("tail")[rows], dtype=np.float32)
+        stored = self._array("tail")[rows]
+        return np.asarray(stored, dtype=np.float32) if self._v1 else self._store.manifest.tail.decode(stored)
 
-    def labels(self, rows: slice | np.ndarray = slice(None)) -> spec.TopKLabels:
-        """These label rows, decoded: what `SoftLabelStore.sequence` returns too."""
-        return spec.TopKLabels(ids=self.ids(rows), logprobs=self.logprobs(rows),
-                               true_logprob=self.true_logprob(rows), tail=self.tail(rows))
+    def labels(self, rows: slice | np.ndarray = slice(None), with_true: bool = True) -> spec.Labels:
+        """These label rows, decoded: what `SoftLabelStore.sequence` returns too. A trainer never needs
+        the true token's log-prob: without it (with_true False; NaN in its place) its arrays are not read."""
+        if with_true:
+            true = self.true_logprob(rows)
+        else:
+            true = np.full(len(self.n_entries[rows]), np.nan, dtype=np.float32)
+        if self._sampled:
+            return spec.SampledLabels(ids=self.ids(rows), counts=self.counts(rows), true_logprob=true)
+        return spec.TopKLabels(ids=self.ids(rows), logprobs=self.logprobs(rows), true_logprob=true, tail=self.tail(rows))
 
 
 @dataclass(frozen=True)
@@ -206,7 +314,8 @@ class SoftLabelStore:
         manifest = read_manifest(self.loc)
         assert manifest is not None
         self.manifest = manifest
-        all_parts = list_parts(self.loc)
+        self._specs = {a.name: a for a in manifest.arrays}
+        all_parts = list_parts(self.loc, manifest)
         self.parts = [p for p in all_parts if p.committed]
         self.uncommitted = [p for p in all_parts if not p.committed]
         self._commits = {p.name: p.commit for p in self.parts}
@@ -240,6 +349,10 @@ class SoftLabelStore:
     @property
     def n_tokens(self) -> int:
         return sum(int(p.commit["n_tokens"]) for p in self.parts)
+
+    def array_spec(self, name: str) -> spec.ArraySpec:
+        """The spec of one of this store's arrays."""
+        return self._specs[name]
 
     def array(self, part: str, name: str) -> zarr.Array:
         """One array of a committed part, checked (see `part_faults`) before any chunk of it is
@@ -323,7 +436,7 @@ class SoftLabelStore:
     def _open_array(self, part: str, name: str) -> tuple[zarr.Array | None, list[Fault]]:
         """Open one array's metadata and check it, reading no chunk: its files (present, sizes,
         metadata digest) and its dtype and shape against the manifest and commit.json."""
-        spec_ = spec.ARRAY_SPECS[name]
+        spec_ = self._specs[name]
         recorded = self.recorded_files(part)
         meta = f"{name}/zarr.json"
         meta_path = self._path(part, meta)
@@ -343,7 +456,7 @@ class SoftLabelStore:
             faults.append(Fault(part, name, f"{meta_path} cannot be opened: {e}", meta_path))
             return None, faults
         m = self.manifest
-        want_dtype = spec_.numpy_dtype(m.ids, m.encoding)
+        want_dtype = spec_.numpy_dtype(m)
         if arr.dtype != want_dtype:
             faults.append(Fault(part, name, f"dtype {arr.dtype}, expected {want_dtype}"))
         want_shape = list(self._commits[part]["arrays"][name])
@@ -361,12 +474,12 @@ class SoftLabelStore:
         resized, metadata that is not what was committed, dtypes and shapes. A listing and the
         small metadata files; arrays found sound are kept open for the reads that follow."""
         faults = []
-        for name in spec.ARRAY_NAMES:
+        for name in self.manifest.array_names:
             arr, found = self._open_array(part, name)
             if arr is not None and not found:
                 self._arrays[part, name] = arr
             faults += found
-        others = [r for r in self.recorded_files(part) or {} if r.split("/")[0] not in spec.ARRAY_SPECS]
+        others = [r for r in self.recorded_files(part) or {} if r.split("/")[0] not in self._specs]
         for rel in sorted(set(others) | {spec.TABLE_FILE}):
             faults += self._file_faults(part, rel, [rel])
         return faults
@@ -438,14 +551,13 @@ class SoftLabelStore:
         row = self._tables[part.name].slice(row_index, 1).to_pylist()[0]
         t0, nt = row["token_offset"], row["n_tokens"]
         l0, nl = row["label_offset"], row["n_labels"]
-        rows = PartArrays(self, part.name, slice(t0, t0 + nt), slice(l0, l0 + nl))
-        return spec.SequenceLabels(
-            seq=seq,
-            part=part.name,
-            row=row,
-            tokens=rows.tokens,
-            labels=rows.labels(),
-        )
+        if self.manifest.schema_version == 1:  # rows of a part's arrays
+            arrays, labels = PartArrays(self, part.name, slice(t0, t0 + nt), slice(l0, l0 + nl)), slice(None)
+            tokens = arrays.tokens
+        else:  # version 2 entries are stored rank-major: the whole part is read
+            arrays, labels = PartArrays(self, part.name), slice(l0, l0 + nl)
+            tokens = arrays.tokens[t0 : t0 + nt]
+        return spec.SequenceLabels(seq=seq, part=part.name, row=row, tokens=tokens, labels=arrays.labels(labels))
 
     def read_part(self, part: str) -> PartArrays:
         """A whole part, one read per array: for readers that use many of its sequences."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from smoothkd.errors import StoreError
 from smoothkd.storage_schemas import spec
-from smoothkd.storage_schemas.reader import Fault, SoftLabelStore
+from smoothkd.storage_schemas.reader import ArrayFault, Fault, PartArrays, SoftLabelStore
 
 # float32 log-softmax sums to 1 within ~1e-6 over the vocabulary; allow some slack on top
 # of the fixed-point rounding of every stored log-prob.
@@ -98,7 +98,6 @@ def _digest_faults(store: SoftLabelStore, part: str, skip: set[str]) -> list[Fau
 
 def _verify_part(store: SoftLabelStore, part: str, commit: dict[str, Any]) -> list[Fault]:
     m = store.manifest
-    enc = m.encoding
     faults = store.part_faults(part)
     faults += _digest_faults(store, part, {f.file for f in faults if f.file})
     at_fault = {f.array for f in faults}
@@ -107,58 +106,87 @@ def _verify_part(store: SoftLabelStore, part: str, commit: dict[str, Any]) -> li
         faults.append(Fault(part, array, message))
 
     arrays: dict[str, np.ndarray] = {}
-    for a in spec.ARRAYS:
+    for a in m.arrays:
         if a.name in at_fault:  # not read: its damage is reported, its symptoms would only repeat it
             continue
         try:
             arrays[a.name] = store.read(part, a.name)
         except StoreError as e:
             fault(a.name, str(e))
-    if len(arrays) < len(spec.ARRAYS) or spec.TABLE_FILE in at_fault:
+    if len(arrays) < len(m.arrays) or spec.TABLE_FILE in at_fault:
         return faults
 
-    tokens, table, codes = arrays["tokens"], arrays["id_table"], arrays["topk_codes"]
-    q, true_q, tail = arrays["topk_logprobs"], arrays["true_logprob"], arrays["tail"]
-    n_labels = codes.shape[0]
-    if codes.size and codes.max() >= len(table):
-        fault("topk_codes", f"codes up to {codes.max()} for an id_table of {len(table)} entries")
-        return faults
-    ids = table[codes] if codes.size else codes
+    tokens, table = arrays["tokens"], arrays["id_table"]
     if len(np.unique(table)) != len(table):
         fault("id_table", "repeats an id")
     for name in ("tokens", "id_table"):
         arr = arrays[name]
-        bad = np.flatnonzero((arr >= m.vocab_size).reshape(len(arr), -1).any(axis=1)) if arr.size else arr[:0]
+        bad = np.flatnonzero(arr >= m.vocab_size) if arr.size else arr[:0]
         if bad.size:
-            fault(name, f"{bad.size} rows hold ids >= vocabulary size {m.vocab_size} (first at row {bad[0]})")
-    for name in ("true_logprob", "topk_logprobs", "tail"):
-        if len(arrays[name]) != n_labels:
-            fault(name, f"{len(arrays[name])} rows, topk_codes has {n_labels}")
+            fault(name, f"{bad.size} values are ids >= vocabulary size {m.vocab_size} (first at row {bad[0]})")
+    # Decoded as a reader decodes it; the reader names what does not fit together (codes beyond
+    # id_table, entry counts that do not add up, ...).
+    rows = PartArrays(store, part)
+    rows._stored.update(arrays)
+    try:
+        labels = rows.labels()
+    except ArrayFault as e:
+        fault(e.array, e.message)
+        return faults
+    n_labels = len(labels)
+    for a in m.arrays:
+        if a.axis == "labels" and len(arrays[a.name]) != n_labels:
+            fault(a.name, f"{len(arrays[a.name])} rows, the part has {n_labels} supervised positions")
     if faults:
         return faults
 
+    codes = "topk_codes" if m.schema_version == 1 else "entry_codes"
+    ids, n = labels.ids, rows.n_entries
+    valid = np.arange(ids.shape[1]) < n[:, None]
+    if n_labels and ids.shape[1] > 1:
+        # padding made distinct (negative) so that only repeated entries are found
+        marked = np.where(valid, ids, -1 - np.arange(ids.shape[1]))
+        sorted_ids = np.sort(marked, axis=1)
+        dup = np.flatnonzero((sorted_ids[:, 1:] == sorted_ids[:, :-1]).any(axis=1))
+        if dup.size:
+            fault(codes, f"{dup.size} rows repeat an id (first at row {dup[0]})")
+    if isinstance(labels, spec.SampledLabels):
+        if n_labels:
+            draws = labels.counts.sum(axis=1)
+            off = np.flatnonzero(draws != int(m.selection["samples"]))
+            if off.size:
+                fault("entry_counts", f"{off.size} rows hold {draws[off[0]]} draws, not the store's "
+                                      f"{m.selection['samples']} (first at row {off[0]})")
+            unsorted = np.flatnonzero((np.diff(labels.counts, axis=1) > 0).any(axis=1))
+            if unsorted.size:
+                fault("entry_counts", f"{unsorted.size} rows are not sorted most drawn first (first at row {unsorted[0]})")
+        faults += _verify_table(store, part, commit, tokens, ids, valid, None, labels.true_logprob)
+        return faults
+
+    q, tail = labels.logprobs, labels.tail
     if n_labels:
         if ids.shape[1] > 1:
-            sorted_ids = np.sort(ids, axis=1)
-            dup = np.flatnonzero((sorted_ids[:, 1:] == sorted_ids[:, :-1]).any(axis=1))
-            if dup.size:
-                fault("topk_codes", f"{dup.size} rows repeat an id (first at row {dup[0]})")
-            unsorted = np.flatnonzero((np.diff(q.astype(np.int64), axis=1) < 0).any(axis=1))
+            steps = np.diff(np.where(valid, q, -np.inf), axis=1)
+            unsorted = np.flatnonzero((np.where(valid[:, 1:], steps, 0) > 0).any(axis=1))
             if unsorted.size:
-                fault("topk_logprobs", f"{unsorted.size} rows are not sorted most probable first (first at row {unsorted[0]})")
+                fault("topk_logprobs" if m.schema_version == 1 else "entry_logprobs",
+                      f"{unsorted.size} rows are not sorted most probable first (first at row {unsorted[0]})")
         if not np.isfinite(tail).all():
             fault("tail", f"{int((~np.isfinite(tail)).sum())} values are NaN or infinite")
         elif ((tail < 0) | (tail > 1)).any():
             fault("tail", "values outside [0, 1]")
         else:
-            mass = np.exp(enc.decode(q).astype(np.float64)).sum(axis=1) + tail
-            tol = np.expm1(enc.max_error) + _NORMALISATION_SLACK
+            mass = np.exp(q.astype(np.float64)).sum(axis=1) + tail
+            tail_error = 0.0 if m.schema_version == 1 else m.tail.max_relative_error
+            tol = np.expm1(m.encoding.max_error) + tail_error + _NORMALISATION_SLACK
             off = np.flatnonzero(np.abs(mass - 1) > tol)
             if off.size:
                 fault("tail", f"{off.size} rows have top-k mass + tail off 1 by more than {tol:.4f} "
                               f"(row {off[0]}: {mass[off[0]]:.6f})")
 
-    faults += _verify_table(store, part, commit, tokens, ids, q, true_q)
+    stored_rank = arrays.get("true_rank")
+    faults += _verify_table(store, part, commit, tokens, ids, valid, q, labels.true_logprob,
+                            None if stored_rank is None else stored_rank.astype(np.int64))
     return faults
 
 
@@ -167,8 +195,11 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
     return np.cumsum(lengths) - lengths
 
 
-def _verify_table(store: SoftLabelStore, part: str, commit: dict[str, Any], tokens: np.ndarray,
-                  ids: np.ndarray, q: np.ndarray, true_q: np.ndarray) -> list[Fault]:
+def _verify_table(store: SoftLabelStore, part: str, commit: dict[str, Any], tokens: np.ndarray, ids: np.ndarray,
+                  valid: np.ndarray, q: np.ndarray | None, true_q: np.ndarray,
+                  true_rank: np.ndarray | None = None) -> list[Fault]:
+    """The sequence table against the arrays; for top-k labels (q, the decoded log-probs), the true
+    token's log-prob against the entries (and its stored rank, in version 2)."""
     faults: list[Fault] = []
 
     def fault(message: str) -> None:
@@ -178,7 +209,7 @@ def _verify_table(store: SoftLabelStore, part: str, commit: dict[str, Any], toke
         table = store.part_table(part)
     except Exception as e:  # noqa: BLE001
         return [Fault(part, spec.TABLE_FILE, f"cannot be read: {e}")]
-    missing = [c for c in spec.TABLE_COLUMNS if c not in table.column_names]
+    missing = [c for c in store.manifest.table_columns if c not in table.column_names]
     if missing:
         return [Fault(part, spec.TABLE_FILE, f"missing columns {missing}")]
     if table.num_rows != commit.get("n_sequences"):
@@ -202,20 +233,28 @@ def _verify_table(store: SoftLabelStore, part: str, commit: dict[str, Any], toke
         bad = set(table[name].to_pylist()) - set(allowed)
         if bad:
             fault(f"unknown {name} values {sorted(bad)}")
-    if faults:
+    if faults or q is None or not len(ids):
         return faults
 
-    # The true next token's log-prob must agree with the top-k: equal to its entry when it
-    # is in the top-k (both come from one float32 value), no higher than the k-th otherwise.
+    # The true next token's log-prob must agree with the entries: equal to its entry when it
+    # is one of them (both come from one float32 value), no higher than the last one otherwise.
     starts = np.repeat(col["token_offset"] + col["prompt_tokens"], n_lab)
     within = np.arange(len(ids)) - np.repeat(col["label_offset"], n_lab)
     targets = tokens[(starts + within).astype(np.int64)].astype(np.int64)
-    hit = ids.astype(np.int64) == targets[:, None]
+    hit = (ids.astype(np.int64) == targets[:, None]) & valid
     in_topk = hit.any(axis=1)
     rows = np.flatnonzero(in_topk)
+    if true_rank is not None:
+        want = np.where(in_topk, hit.argmax(axis=1), store.manifest.top_k)
+        off = np.flatnonzero(true_rank != want)
+        if off.size:
+            faults.append(Fault(part, "true_rank", f"{off.size} ranks do not point at the true token's entry "
+                                                   f"(first at row {off[0]})"))
+            return faults
     if rows.size and (q[rows, hit[rows].argmax(axis=1)] != true_q[rows]).any():
         faults.append(Fault(part, "true_logprob", "differs from the top-k entry of the same token"))
     out = np.flatnonzero(~in_topk)
-    if out.size and (true_q[out] < q[out, -1]).any():
+    last = q[np.arange(len(q)), valid.sum(axis=1) - 1] if len(q) else q[:, 0]
+    if out.size and (true_q[out] > last[out]).any():
         faults.append(Fault(part, "true_logprob", "a token outside the top-k is more probable than the k-th entry"))
     return faults

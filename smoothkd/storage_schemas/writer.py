@@ -35,31 +35,50 @@ def _group_metadata(attributes: dict[str, Any]) -> dict[str, Any]:
     return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
 
 
+def _padded(rows: list[np.ndarray], width: int, fill: Any, dtype: Any) -> np.ndarray:
+    """[n, k] rows of several widths, end to end, padded on the right to `width`."""
+    out = np.full((sum(len(r) for r in rows), width), fill, dtype=dtype)
+    start = 0
+    for r in rows:
+        out[start : start + len(r), : r.shape[1]] = r
+        start += len(r)
+    return out
+
+
+def _entries(grid: np.ndarray, valid: np.ndarray, array: spec.ArraySpec) -> np.ndarray:
+    """The valid entries of a [n, k] grid in the array's order: row by row, or rank-major (every
+    row's first, then every second, ...; FORMAT.md)."""
+    return grid.T[valid.T] if array.rank_major else grid[valid]
+
+
 @dataclass
 class PartBuilder:
     """Accumulates the sequences of one part in memory, computing offsets as it goes."""
 
-    top_k: int
+    top_k: int  # the most entries a position may keep (for sampled labels: the draws per position)
     rows: list[dict[str, Any]] = field(default_factory=list)
     tokens: list[np.ndarray] = field(default_factory=list)
-    topk_ids: list[np.ndarray] = field(default_factory=list)
-    topk_logprobs: list[np.ndarray] = field(default_factory=list)
-    true_logprob: list[np.ndarray] = field(default_factory=list)
-    tail: list[np.ndarray] = field(default_factory=list)
+    labels: list[spec.Labels] = field(default_factory=list)
+    targets: list[np.ndarray] = field(default_factory=list)
     n_tokens: int = 0
     n_labels: int = 0
 
-    def add(self, meta: dict[str, Any], tokens: np.ndarray, prompt_tokens: int, labels: spec.TopKLabels) -> None:
+    def add(self, meta: dict[str, Any], tokens: np.ndarray, prompt_tokens: int, labels: spec.Labels) -> None:
         n_labels = len(tokens) - prompt_tokens
-        for name in ("logprobs", "true_logprob", "tail"):
-            if not np.isfinite(getattr(labels, name)).all():
-                raise StoreError(f"record {meta.get('record_id')} ({meta.get('source')}): the teacher's {name} "
-                                 "holds NaN or infinity; refusing to store it (check the teacher's dtype)")
-        if len(labels) != n_labels or labels.ids.shape[1:] != (self.top_k,):
-            raise ValueError(
-                f"record {meta.get('record_id')}: {len(labels)} label rows of width {labels.ids.shape[1:]} "
-                f"for {n_labels} supervised tokens at top-k {self.top_k}"
-            )
+        where = f"record {meta.get('record_id')} ({meta.get('source')})"
+        sampled = isinstance(labels, spec.SampledLabels)
+        for name in ("true_logprob",) if sampled else ("logprobs", "true_logprob", "tail"):
+            values = getattr(labels, name)
+            if np.isnan(values).any() or (values == np.inf).any() or (name != "logprobs" and np.isinf(values).any()):
+                raise StoreError(f"{where}: the teacher's {name} holds NaN or infinity; refusing to store it "
+                                 "(check the teacher's dtype)")
+        if len(labels) != n_labels or labels.ids.ndim != 2 or not 1 <= labels.ids.shape[1] <= self.top_k:
+            raise ValueError(f"{where}: {len(labels)} label rows of width {labels.ids.shape[1:]} "
+                             f"for {n_labels} supervised tokens at top-k {self.top_k}")
+        valid = labels.counts > 0 if sampled else np.isfinite(labels.logprobs)
+        n = valid.sum(axis=1)
+        if (n < 1).any() or (valid != (np.arange(valid.shape[1]) < n[:, None])).any():
+            raise ValueError(f"{where}: every position needs at least one entry, padding only after them")
         self.rows.append({
             **meta,
             "token_offset": self.n_tokens,
@@ -69,34 +88,52 @@ class PartBuilder:
             "n_labels": n_labels,
         })
         self.tokens.append(tokens)
-        self.topk_ids.append(labels.ids)
-        self.topk_logprobs.append(labels.logprobs)
-        self.true_logprob.append(labels.true_logprob)
-        self.tail.append(labels.tail)
+        self.labels.append(labels)
+        self.targets.append(np.asarray(tokens[prompt_tokens:], dtype=np.int64))
         self.n_tokens += len(tokens)
         self.n_labels += n_labels
 
     def arrays(self, manifest: spec.Manifest) -> dict[str, np.ndarray]:
         """The part's arrays in their stored dtypes (log-probs rounded here, once)."""
-        ids, enc, k = manifest.ids, manifest.encoding, self.top_k
+        ids_dtype, enc, k = manifest.ids, manifest.encoding, self.top_k
+        specs = {a.name: a for a in manifest.arrays}
 
-        def cat(parts: list[np.ndarray], shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-            return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(shape, dtype)
+        def cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+            return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
-        codes, table = spec.encode_ids(cat(self.topk_ids, (0, k), np.int64), ids)
+        ids = _padded([lab.ids for lab in self.labels], k, spec.PAD_ID, np.int64)
+        true_logprob = cat([lab.true_logprob for lab in self.labels], np.float32)
+        rank = spec.count_dtype(k)
+        if manifest.label_kind == spec.LABEL_KIND_SAMPLED:
+            counts = _padded([lab.counts for lab in self.labels], k, 0, np.int64)  # type: ignore[union-attr]
+            valid = counts > 0
+            codes, table = spec.encode_ids(_entries(ids, valid, specs["entry_codes"]), ids_dtype)
+            return {
+                "tokens": cat(self.tokens, ids_dtype), "id_table": table,
+                "n_entries": valid.sum(axis=1).astype(rank), "entry_codes": codes,
+                "entry_counts": _entries(counts, valid, specs["entry_counts"]).astype(spec.count_dtype(int(manifest.selection["samples"]))),
+                "true_logprob": enc.encode(true_logprob),
+            }
+        logprobs = _padded([lab.logprobs for lab in self.labels], k, -np.inf, np.float32)  # type: ignore[union-attr]
+        valid = np.isfinite(logprobs)
+        fixed = np.where(valid, enc.encode(np.where(valid, logprobs, 0)), 0).astype(np.int64)
+        steps = np.diff(fixed, axis=1, prepend=0)  # >= 0: sorted log-probs, most probable first
+        codes, table = spec.encode_ids(_entries(ids, valid, specs["entry_codes"]), ids_dtype)
+        hit = (ids == cat(self.targets, np.int64)[:, None]) & valid
+        inside = hit.any(axis=1)
         return {
-            "tokens": cat(self.tokens, (0,), ids),
-            "id_table": table,
-            "topk_codes": codes,
-            "topk_logprobs": enc.encode(cat(self.topk_logprobs, (0, k), np.float32)),
-            "true_logprob": enc.encode(cat(self.true_logprob, (0,), np.float32)),
-            "tail": cat(self.tail, (0,), np.float32),
+            "tokens": cat(self.tokens, ids_dtype), "id_table": table,
+            "n_entries": valid.sum(axis=1).astype(rank), "entry_codes": codes,
+            "entry_logprobs": _entries(steps, valid, specs["entry_logprobs"]).astype(enc.dtype),
+            "true_rank": np.where(inside, hit.argmax(axis=1), k).astype(rank),
+            "true_outside": enc.encode(true_logprob[~inside]),
+            "tail": manifest.tail.encode(cat([lab.tail for lab in self.labels], np.float32)),  # type: ignore[union-attr]
         }
 
-    def table(self) -> pa.Table:
+    def table(self, manifest: spec.Manifest) -> pa.Table:
         columns = {
             name: pa.array([r[name] for r in self.rows], type=pa.type_for_alias(t))
-            for name, t in spec.TABLE_COLUMNS.items()
+            for name, t in manifest.table_columns.items()
         }
         return pa.table(columns)
 
@@ -162,7 +199,7 @@ class StoreWriter:
         self.loc.remove("zarr.json")
 
     def committed_parts(self) -> set[int]:
-        return {p.index for p in list_parts(self.loc) if p.committed}
+        return {p.index for p in list_parts(self.loc, self.manifest) if p.committed}
 
     def _committed(self, *parts: str) -> bool:
         """Whether a part directory holds a readable commit.json (what readers call committed)."""
@@ -184,7 +221,7 @@ class StoreWriter:
             "n_sequences": len(part.rows),
             "n_tokens": part.n_tokens,
             "n_labels": part.n_labels,
-            "arrays": {n: list(arrays[n].shape) for n in spec.ARRAY_NAMES},
+            "arrays": {n: list(arrays[n].shape) for n in self.manifest.array_names},
             "created": _now(),
             **info,
         }
@@ -247,7 +284,7 @@ class StoreWriter:
         """The part's arrays and table under parts/<directory>/, everything but its commit."""
         # A store rooted at the part: zarr would otherwise rewrite (or try to) the groups above it.
         group = zarr.open_group(self.loc.zarr_store(spec.PARTS_DIR, directory), mode="w-", zarr_format=3)
-        for a in spec.ARRAYS:
+        for a in self.manifest.arrays:
             data = arrays[a.name]
             rows = max(1, data.shape[0])
             chunk_rows = min(spec.CHUNK_ROWS, rows)
@@ -263,7 +300,7 @@ class StoreWriter:
                 **a.codecs(data.dtype),
             )
         pq.write_table(
-            part.table(),
+            part.table(self.manifest),
             self.loc.path(spec.PARTS_DIR, directory, spec.TABLE_FILE),
             filesystem=self.loc.fs,
             compression="zstd",

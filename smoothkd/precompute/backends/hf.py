@@ -9,9 +9,9 @@ import torch
 
 from smoothkd.generation import Generation, greedy, stop_ids
 from smoothkd.models import load_causal_lm, load_tokenizer
-from smoothkd.precompute.topk import topk_labels
+from smoothkd.precompute.topk import sampled_labels, topk_labels
 from smoothkd.errors import SmoothkdError
-from smoothkd.storage_schemas.spec import TopKLabels
+from smoothkd.storage_schemas.spec import SampledLabels, TopKLabels
 from smoothkd.tokens import pad_batch, pad_id
 
 if TYPE_CHECKING:
@@ -68,6 +68,19 @@ class HFTeacher:
             for i, (tokens, prompt_len) in enumerate(sequences):
                 targets = torch.tensor(tokens[prompt_len:], device=self.device)
                 out.append(topk_labels(logits[i, rows[i].to(self.device)], targets, top_k))
+        return out
+
+    def sample(self, sequences: list[tuple[list[int], int]], n_samples: int, seeds: list[int]) -> list[SampledLabels]:
+        """`n_samples` draws at every response position of each (tokens, prompt_len) from the teacher's
+        full distribution; sequence i's draws come from a generator seeded with seeds[i], so they do not
+        depend on which sequences share its batch."""
+        logits, rows = self.forward_logits(sequences)
+        out = []
+        with torch.inference_mode():
+            for i, (tokens, prompt_len) in enumerate(sequences):
+                targets = torch.tensor(tokens[prompt_len:], device=self.device)
+                generator = torch.Generator(device=self.device).manual_seed(seeds[i])
+                out.append(sampled_labels(logits[i, rows[i].to(self.device)], targets, n_samples, generator))
         return out
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, top_k: int) -> list[Generation]:

@@ -10,7 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-from smoothkd.batches import Batch, TeacherTopK
+from smoothkd.batches import Batch, TeacherSampled, TeacherTopK
+from smoothkd.precompute.topk import sampled_labels
 from smoothkd.distill.config import DistillConfig
 from smoothkd.distill.losses import LOSSES
 from smoothkd.distill.trainer import loss_step
@@ -24,9 +25,11 @@ def model(tiny_model):
     return AutoModelForCausalLM.from_pretrained(tiny_model)
 
 
-def make_batch(vocab: int, k: int, supervised: bool = True, b: int = 3, length: int = 24, seed: int = 0) -> Batch:
+def make_batch(vocab: int, k: int, supervised: bool = True, b: int = 3, length: int = 24, seed: int = 0,
+               sampled: bool = False) -> Batch:
     """Right-padded sequences of random tokens, responses after a prompt, and a random teacher's
-    top-k (with its exact tail) at each supervised position, as StoreDataset lays them out."""
+    top-k (with its exact tail) at each supervised position, as StoreDataset lays them out; or, sampled,
+    k draws from it as distinct ids with counts."""
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (b, length), generator=g)
     lengths, prompts = [length, length - 5, length - 9][:b], [6, 9, 4][:b]
@@ -37,6 +40,10 @@ def make_batch(vocab: int, k: int, supervised: bool = True, b: int = 3, length: 
         mask[row, p - 1 : n - 1] = supervised  # position t predicts token t + 1, a response token
     targets = input_ids[:, 1:][mask[:, :-1]]  # [n]
     logp = torch.log_softmax(torch.randn(targets.numel(), vocab, generator=g, dtype=torch.float64) * 3, -1)
+    if sampled:
+        lab = sampled_labels(logp.float(), targets, k, torch.Generator().manual_seed(seed))
+        teacher = TeacherSampled(torch.from_numpy(lab.ids), torch.from_numpy(lab.counts).float())
+        return Batch(list(range(b)), input_ids, attention_mask, mask, targets, teacher)
     vals, ids = logp.topk(k, dim=-1)  # [n, k]
     tail = (1 - vals.exp().sum(-1)).clamp_min(0)  # [n]
     return Batch(list(range(b)), input_ids, attention_mask, mask, targets, TeacherTopK(ids, vals.float(), tail.float()))
@@ -63,11 +70,14 @@ def assert_same_step(model, batch: Batch, **kw) -> dict[str, torch.Tensor]:
     return whole_grads
 
 
-@pytest.mark.parametrize("tau", [1.0, 2.5])
+# sampled labels are for temperature 1 only (the loss refuses others)
+LOSS_TAUS = [(name, tau) for name in sorted(LOSSES) for tau in (1.0, 2.5) if name != "sampled" or tau == 1.0]
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.7])
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name, tau", LOSS_TAUS)
 def test_chunked_loss_and_gradients_equal_the_whole_batch_path(model, name, alpha, tau):
-    batch = make_batch(model.config.vocab_size, k=16)
+    batch = make_batch(model.config.vocab_size, k=16, sampled=name == "sampled")
     assert batch.n_supervised > 3 * CHUNK and batch.n_supervised % CHUNK  # several chunks, the last short
     grads = assert_same_step(model, batch, loss=name, alpha=alpha, temperature=tau)
     assert grads["model.embed_tokens.weight"].abs().max() > 1e-3  # tied: the output layer's gradient too
@@ -76,8 +86,7 @@ def test_chunked_loss_and_gradients_equal_the_whole_batch_path(model, name, alph
         assert step(model, batch, CHUNK, loss=name, alpha=alpha, temperature=tau)[1]["kd"] > 0
 
 
-@pytest.mark.parametrize("tau", [1.0, 2.5])
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name, tau", [(n, t) for n, t in LOSS_TAUS if n != "sampled"])
 def test_chunked_equals_whole_with_the_whole_vocabulary_as_top_k(model, name, tau):
     vocab = model.config.vocab_size
     batch = make_batch(vocab, k=vocab)

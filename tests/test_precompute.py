@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from smoothkd.errors import SmoothkdError
 from smoothkd.precompute.config import PrecomputeConfig
 from smoothkd.precompute.run import run
 from smoothkd.storage_schemas import SoftLabelStore, verify_store
@@ -31,8 +33,8 @@ def contents(url: str) -> list[tuple]:
     for i in range(store.n_sequences):
         s = store.sequence(i)
         row = {k: v for k, v in s.row.items()}
-        out.append((json.dumps(row, sort_keys=True), s.tokens.tolist(), s.labels.ids.tolist(),
-                    s.labels.logprobs.tolist(), s.labels.true_logprob.tolist(), s.labels.tail.tolist()))
+        out.append((json.dumps(row, sort_keys=True), s.tokens.tolist(),
+                    *(getattr(s.labels, f.name).tolist() for f in dataclasses.fields(s.labels))))
     return out
 
 
@@ -207,3 +209,71 @@ def test_greedy_responses_are_cut_at_max_length(tiny_model, dolly, tmp_path):
     assert cut and all(r["truncated"] for r in cut)
     assert summary.dropped["teacher_greedy: prompt longer than --max-length"] == 6 - len(greedy)
     assert verify_store(SoftLabelStore(str(tmp_path / "s"))).ok
+
+
+def test_adaptive_k_keeps_a_prefix_and_moves_the_rest_to_the_tail(tiny_model, tiny_store, dolly, tmp_path):
+    """--top-p / --min-prob with --min-k: each position keeps the fewest entries its rule asks for,
+    and the top-k mass it leaves out is in the tail; the kept entries are the full store's."""
+    out = tmp_path / "adaptive"
+    run(cfg(tiny_model, dolly, out, top_p=0.3, min_prob=0.01, min_k=2), show_progress=False)
+    full, adaptive = SoftLabelStore(str(tiny_store[0])), SoftLabelStore(str(out))
+    assert verify_store(adaptive).ok and adaptive.manifest.selection == {"top_p": 0.3, "min_prob": 0.01, "min_k": 2}
+    kept = []
+    for i in range(full.n_sequences):
+        a, b = full.sequence(i).labels, adaptive.sequence(i).labels
+        n = b.n_entries
+        kept += n.tolist()
+        p = np.exp(a.logprobs.astype(np.float64))
+        before = np.cumsum(p, 1) - p
+        want = np.maximum(((before < 0.3) & (p >= 0.01)).sum(1), 2)
+        # the rule ran on float32 values; these are decoded ones (1/128 nats off): a border case may differ by one
+        assert np.abs(n - want).max() <= 1 and (n != want).mean() < 0.05
+        for j in range(len(n)):
+            assert np.array_equal(b.ids[j, : n[j]], a.ids[j, : n[j]])
+            assert np.array_equal(b.logprobs[j, : n[j]], a.logprobs[j, : n[j]])
+            assert np.isneginf(b.logprobs[j, n[j]:]).all()
+        moved = np.where(np.arange(K) < n[:, None], 0, p).sum(1)
+        # against the full store's decoded values: its tail's rounding, and its log-probs' (1/128 nats) on the moved mass
+        assert np.all(np.abs(b.tail - (a.tail + moved)) <= 2e-3 * (a.tail + moved) + np.expm1(1 / 128) * moved + 1e-6)
+        np.testing.assert_array_equal(b.true_logprob, a.true_logprob)
+    assert 2 <= np.mean(kept) < K  # the rule cut something, and kept at least min_k
+    assert adaptive.info().bytes_on_disk < full.info().bytes_on_disk
+
+
+def test_sampled_labels_are_reproducible_draws_that_train(tiny_model, dolly, tmp_path):
+    """--labels sampled: N draws per position from the teacher, as distinct ids and counts; the same
+    seed gives the same store whatever the batch size; a KD run reads it with --loss sampled only."""
+    from typer.testing import CliRunner
+
+    from smoothkd.cli import app
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    run(cfg(tiny_model, dolly, a, labels="sampled", samples=20, limit=4), show_progress=False)
+    run(cfg(tiny_model, dolly, b, labels="sampled", samples=20, limit=4, batch_size=1), show_progress=False)
+    run(cfg(tiny_model, dolly, c, labels="sampled", samples=20, limit=4, seed=1), show_progress=False)
+    sa, sb, sc = (SoftLabelStore(str(x)) for x in (a, b, c))
+    assert verify_store(sa).ok and sa.manifest.label_kind == "sampled" and sa.manifest.top_k == 20
+    assert contents(str(a)) == contents(str(b))
+    la, lc = sa.sequence(0).labels, sc.sequence(0).labels
+    assert (la.counts.sum(1) == 20).all() and np.all(np.diff(la.counts, axis=1) <= 0)
+    assert not np.array_equal(la.ids, lc.ids) or not np.array_equal(la.counts, lc.counts)  # another seed, other draws
+    # the most drawn id is mostly the teacher's most probable one
+    top = SoftLabelStore(str(tmp_path / "a")).sequence(0)
+    assert 1 <= la.n_entries.mean() <= 20 and np.isfinite(top.labels.true_logprob).all()
+
+    runner = CliRunner()
+    base = ["distill", "student", "--model", str(tiny_model), "--store", str(a), "--max-steps", "2", "--batch-size", "2"]
+    wrong = runner.invoke(app, [*base, "--out", str(tmp_path / "r0")])
+    assert wrong.exit_code == 2 and "--loss sampled" in " ".join(wrong.stderr.split())
+    hot = runner.invoke(app, [*base, "--out", str(tmp_path / "r1"), "--loss", "sampled", "--temperature", "2"])
+    assert hot.exit_code == 2 and "temperature 1" in " ".join(hot.stderr.split())
+    ok = runner.invoke(app, [*base, "--out", str(tmp_path / "r2"), "--loss", "sampled", "--alpha", "1"])
+    assert ok.exit_code == 0, ok.stderr
+
+
+def test_sampled_labels_and_adaptive_k_are_refused_where_they_cannot_run(tiny_model, dolly, tmp_path):
+    for kw, message in [(dict(labels="sampled", backend="vllm"), "--labels sampled needs --backend hf"),
+                        (dict(labels="sampled", top_p=0.9), "not for --labels sampled"),
+                        (dict(min_k=K + 1), "--min-k"), (dict(top_p=1.5), "--top-p"), (dict(labels="x"), "--labels")]:
+        with pytest.raises(SmoothkdError, match=message):
+            cfg(tiny_model, dolly, tmp_path / "x", **kw).validate(("hf", "vllm"))

@@ -264,7 +264,10 @@ def store_info(url: str = typer.Argument(..., help="Store directory or fsspec UR
         ("format", f"{info.format} v{info.schema_version} ({info.label_kind})"),
         ("teacher", f"{teacher['name']} ({teacher['backend']}, {teacher['dtype']})"),
         ("teacher weights", (teacher.get("weights_sha256") or "hub id")[:16]),
-        ("top-k", str(info.top_k)),
+        *([("draws", f"{info.selection.get('samples')} per token (seed {info.selection.get('seed')})")]
+          if info.label_kind == "sampled" else
+          [("top-k", str(info.top_k) + "".join(f", {k.replace('_', '-')} {v}" for k, v in info.selection.items()
+                                             if v is not None and (k != "min_k" or v != 1)))]),
         ("vocabulary", f"{info.vocab_size:,} ({info.id_dtype} ids)"),
         ("log-probs", f"{enc['dtype']} fixed point, 1/{enc['scale']} nat"),
         ("parts", f"{info.n_parts} committed" + (f", {info.n_uncommitted_parts} uncommitted"

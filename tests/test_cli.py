@@ -72,7 +72,7 @@ def test_store_info_json_reports_counts_and_size(store):
         "logprob_encoding", "n_parts", "n_uncommitted_parts", "n_expected_parts", "missing_parts", "complete",
         "n_sequences", "n_tokens", "n_supervised_tokens", "supervised_tokens_by_source", "supervised_tokens_by_split",
         "dropped_sequences", "truncated_sequences", "bytes_on_disk", "bytes_per_supervised_token", "dataset", "build",
-        "tokenizer", "created", "tool"]
+        "tokenizer", "created", "tool", "selection"]
     assert info == s.info().to_json()
     text = runner.invoke(app, ["store", "info", str(store)])
     assert text.exit_code == 0 and "bytes / supervised token" in text.output and "top-k" in text.output

@@ -300,6 +300,7 @@ class StoreInfo:
     tokenizer: dict[str, Any]
     created: str
     tool: dict[str, Any]
+    selection: dict[str, Any]  # which entries a position keeps (adaptive k), or the draws (sampled labels)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -614,4 +615,5 @@ class SoftLabelStore:
             tokenizer=m.tokenizer,
             created=m.created,
             tool=m.tool,
+            selection=m.selection,
         )

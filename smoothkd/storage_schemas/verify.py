@@ -166,7 +166,7 @@ def _verify_part(store: SoftLabelStore, part: str, commit: dict[str, Any]) -> li
     q, tail = labels.logprobs, labels.tail
     if n_labels:
         if ids.shape[1] > 1:
-            steps = np.diff(np.where(valid, q, -np.inf), axis=1)
+            steps = np.diff(np.where(valid, q, np.float32(-1e30)), axis=1)  # padding: no inf - inf
             unsorted = np.flatnonzero((np.where(valid[:, 1:], steps, 0) > 0).any(axis=1))
             if unsorted.size:
                 fault("topk_logprobs" if m.schema_version == 1 else "entry_logprobs",

@@ -287,7 +287,10 @@ class StoreWriter:
         for a in self.manifest.arrays:
             data = arrays[a.name]
             rows = max(1, data.shape[0])
-            chunk_rows = min(spec.CHUNK_ROWS, rows)
+            # a chunk of entries holds as many as CHUNK_ROWS positions do (version 1's [4096, top_k]):
+            # small chunks compress worse (entry codes 105.8 B/token in chunks of 4,096, against 98.9)
+            per_chunk = spec.CHUNK_ROWS * (self.manifest.top_k if a.axis == "entries" else 1)
+            chunk_rows = min(per_chunk, rows)
             shard_rows = math.ceil(rows / chunk_rows) * chunk_rows
             group.create_array(
                 a.name,
